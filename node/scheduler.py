@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from p2porch.node.spec import PlacementConstraint
+
 
 class NodeStatus(enum.Enum):
     """What gossip and the replicated node decisions say about a node, as the scheduler sees it."""
@@ -43,33 +45,6 @@ class NodeStatus(enum.Enum):
 
 
 _GONE = frozenset({NodeStatus.DEAD, NodeStatus.LEFT, NodeStatus.REMOVED})
-
-
-class ConstraintOp(enum.Enum):
-    EQ = "=="
-    NE = "!="
-    EXISTS = "exists"
-
-
-@attrs.frozen
-class Constraint:
-    """A placement constraint on node labels: ``key==value``, ``key!=value`` or ``key``."""
-
-    key: str
-    op: ConstraintOp
-    value: str = ""
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        if self.op is ConstraintOp.EXISTS:
-            return self.key in labels
-        if self.op is ConstraintOp.EQ:
-            return labels.get(self.key) == self.value
-        return labels.get(self.key) != self.value
-
-    def __str__(self) -> str:
-        return (
-            self.key if self.op is ConstraintOp.EXISTS else f"{self.key}{self.op.value}{self.value}"
-        )
 
 
 @attrs.frozen
@@ -92,7 +67,7 @@ class SchedApp:
     replicas: int
     cpu_request_millis: int = 0
     memory_request_bytes: int = 0
-    constraints: tuple[Constraint, ...] = ()
+    constraints: tuple[PlacementConstraint, ...] = ()
 
 
 @attrs.frozen(order=True)
@@ -280,18 +255,3 @@ def rebalance(
             current[slot] = target.name
             moves.append((slot, target.name))
     return Decision(place=tuple(moves))
-
-
-def parse_constraint(text: str) -> Constraint:
-    """``zone==a`` / ``zone!=a`` / ``gpu`` -> a :class:`Constraint` (ValueError when malformed)."""
-    text = text.strip()
-    for op in (ConstraintOp.EQ, ConstraintOp.NE):
-        if op.value in text:
-            key, _, value = text.partition(op.value)
-            key, value = key.strip(), value.strip()
-            if not key or not value:
-                raise ValueError(f"constraint {text!r}: expected key{op.value}value")
-            return Constraint(key, op, value)
-    if not text or any(c in text for c in "=! "):
-        raise ValueError(f"constraint {text!r}: expected key==value, key!=value or key")
-    return Constraint(text, ConstraintOp.EXISTS)

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from p2porch.node.scheduler import (
-    Constraint,
-    ConstraintOp,
     NodeStatus,
     SchedApp,
     SchedNode,
     SlotId,
-    parse_constraint,
     rebalance,
     schedule,
 )
+from p2porch.node.spec import PlacementConstraint
 
 GIB = 1 << 30
 
@@ -60,7 +56,7 @@ def test_capacity_is_respected_and_pending_explains_why() -> None:
 
 def test_constraints_filter_nodes() -> None:
     ns = nodes("a", "b", zone="x") + nodes("c", zone="y")
-    app = SchedApp("default/web", 2, constraints=(Constraint("zone", ConstraintOp.EQ, "y"),))
+    app = SchedApp("default/web", 2, constraints=(PlacementConstraint.parse("zone==y"),))
     d = schedule([app], ns, {})
     assert [n for _, n in d.place] == ["c", "c"]
 
@@ -151,21 +147,3 @@ def test_schedule_is_deterministic_and_converges() -> None:
             by_key = {a.key: a for a in apps}
             assert sum(by_key[s.app].memory_request_bytes for s in mine) <= node.memory_bytes
             assert sum(by_key[s.app].cpu_request_millis for s in mine) <= node.cpu_millis
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("zone==a", Constraint("zone", ConstraintOp.EQ, "a")),
-        ("zone != a", Constraint("zone", ConstraintOp.NE, "a")),
-        ("gpu", Constraint("gpu", ConstraintOp.EXISTS)),
-    ],
-)
-def test_parse_constraint(text: str, expected: Constraint) -> None:
-    assert parse_constraint(text) == expected
-
-
-@pytest.mark.parametrize("text", ["", "==a", "zone==", "zone=a", "a b"])
-def test_parse_constraint_rejects(text: str) -> None:
-    with pytest.raises(ValueError, match="constraint"):
-        parse_constraint(text)

@@ -1,0 +1,492 @@
+"""The replicated desired state: what every node agrees the cluster should look like.
+
+This is the Raft state machine of the node layer. Every change -- an app applied, a node
+drained, a placement the scheduler decided -- is a :data:`Command` committed to the log and
+applied here in log order on every node, so every node holds the same :class:`ClusterState`.
+``apply`` must therefore be deterministic: no clocks, no randomness, no I/O, no iteration over
+unordered sets into results. Volatile facts (is a replica healthy right now) travel by gossip,
+not through here; only terminal facts (a replica that cannot start) are logged.
+
+Generations: an App's ``meta.generation`` bumps on every change to its spec. A placement
+records the generation it was made for, so a reconciler can tell a container built from an
+older spec (to be replaced) from a current one.
+
+Errors in a command (an app in a namespace that does not exist, a stale expected generation)
+are *results*, not exceptions that stop the log: :meth:`ClusterState.apply` returns a
+:class:`CommandResult` with ``error`` set, and the API reports it to the client that proposed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import attrs
+
+from p2porch.common import codec
+from p2porch.node.errors import NodeError
+from p2porch.node.scheduler import Decision, NodeStatus, SchedApp, SchedNode, SlotId
+from p2porch.node.spec import App, Namespace
+
+DEFAULT_NAMESPACE = "default"
+
+
+class StateError(NodeError):
+    """A command that the desired state refuses (not found, conflict, stale generation)."""
+
+
+# --------------------------------------------------------------------------- records
+
+
+@codec.register(250)
+@attrs.frozen
+class NodeRecord:
+    """A cluster member as the log knows it: identity, where to reach it, what it offers.
+
+    ``api_address`` is where other nodes forward API calls (log/exec proxying); labels and
+    capacity come from the node's flags at join and feed constraint and capacity checks.
+    """
+
+    name: str
+    address: str
+    api_address: str
+    raft_address: str
+    gossip_address: str
+    labels: tuple[tuple[str, str], ...] = ()
+    cpu_millicores: int = 0
+    memory_bytes: int = 0
+    drained: bool = False
+    removed: bool = False
+
+
+@codec.register(251)
+@attrs.frozen
+class Placement:
+    """Replica ``slot`` of an app runs on ``node``, built from spec ``generation``."""
+
+    namespace: str
+    app: str
+    slot: int
+    node: str
+    generation: int
+
+    @property
+    def slot_id(self) -> SlotId:
+        return SlotId(f"{self.namespace}/{self.app}", self.slot)
+
+
+@codec.register(252)
+@attrs.frozen
+class ReplicaFact:
+    """A terminal fact a node reported about a replica it was assigned (e.g. cannot start)."""
+
+    namespace: str
+    app: str
+    slot: int
+    node: str
+    generation: int
+    state: str  # "failed" | "succeeded"
+    reason: str
+
+
+@codec.register(253)
+@attrs.frozen
+class PendingSlot:
+    """A slot no node can take right now, and why (shown by ``describe app``)."""
+
+    namespace: str
+    app: str
+    slot: int
+    reason: str
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@codec.register(260)
+@attrs.frozen
+class PutNamespace:
+    namespace: Namespace
+
+
+@codec.register(261)
+@attrs.frozen
+class DeleteNamespace:
+    name: str
+
+
+@codec.register(262)
+@attrs.frozen
+class PutApp:
+    """Create or update an app. ``expected_generation`` makes the write conditional."""
+
+    app: App
+    expected_generation: int | None = None
+
+
+@codec.register(263)
+@attrs.frozen
+class DeleteApp:
+    namespace: str
+    name: str
+
+
+@codec.register(264)
+@attrs.frozen
+class ApplyDecision:
+    """The leader's scheduler decision. Stale parts (app gone or changed) are skipped."""
+
+    place: tuple[Placement, ...]
+    release: tuple[tuple[str, str, int], ...]  # (namespace, app, slot)
+    pending: tuple[PendingSlot, ...] = ()
+
+
+@codec.register(265)
+@attrs.frozen
+class PutNode:
+    """Register a node, or update its address, labels and capacity (kept: drained/removed)."""
+
+    node: NodeRecord
+
+
+@codec.register(266)
+@attrs.frozen
+class SetNodeDrained:
+    name: str
+    drained: bool
+
+
+@codec.register(267)
+@attrs.frozen
+class RemoveNode:
+    name: str
+
+
+@codec.register(268)
+@attrs.frozen
+class ReportReplica:
+    fact: ReplicaFact
+
+
+Command = (
+    PutNamespace
+    | DeleteNamespace
+    | PutApp
+    | DeleteApp
+    | ApplyDecision
+    | PutNode
+    | SetNodeDrained
+    | RemoveNode
+    | ReportReplica
+)
+
+
+@attrs.frozen
+class Change:
+    """One object that changed, for the watch stream: kind, key, and the new value (or None)."""
+
+    kind: str  # "namespace" | "app" | "placement" | "node" | "replica"
+    key: str
+    value: object | None
+
+
+@attrs.frozen
+class CommandResult:
+    """What applying a command produced: the changes, or the reason it was refused."""
+
+    changes: tuple[Change, ...] = ()
+    error: str | None = None
+    value: object | None = None
+
+
+# --------------------------------------------------------------------------- the state
+
+
+@codec.register(270)
+@attrs.frozen
+class StateSnapshot:
+    """The whole state as one record: what a Raft snapshot of this machine contains."""
+
+    index: int
+    namespaces: tuple[Namespace, ...]
+    apps: tuple[App, ...]
+    placements: tuple[Placement, ...]
+    pending: tuple[PendingSlot, ...]
+    nodes: tuple[NodeRecord, ...]
+    facts: tuple[ReplicaFact, ...]
+
+
+def _app_key(namespace: str, name: str) -> str:
+    return f"{namespace}/{name}"
+
+
+class ClusterState:
+    """The desired state, mutated only by :meth:`apply` (in log order, on every node)."""
+
+    def __init__(self) -> None:
+        self.index = 0
+        self.namespaces: dict[str, Namespace] = {DEFAULT_NAMESPACE: Namespace(DEFAULT_NAMESPACE)}
+        self.apps: dict[str, App] = {}
+        self.placements: dict[SlotId, Placement] = {}
+        self.pending: dict[SlotId, PendingSlot] = {}
+        self.nodes: dict[str, NodeRecord] = {}
+        self.facts: dict[SlotId, ReplicaFact] = {}
+
+    # ---- apply
+
+    def apply(self, index: int, command: Command) -> CommandResult:
+        """Apply one committed command. Never raises for a refused command: see the module doc."""
+        self.index = index
+        try:
+            handler = getattr(self, f"_apply_{type(command).__name__}")
+            changes: tuple[Change, ...] = handler(command)
+        except StateError as exc:
+            return CommandResult(error=str(exc))
+        return CommandResult(changes=changes)
+
+    def _apply_PutNamespace(self, cmd: PutNamespace) -> tuple[Change, ...]:
+        old = self.namespaces.get(cmd.namespace.name)
+        generation = 1 if old is None else old.generation + (old.labels != cmd.namespace.labels)
+        ns = attrs.evolve(cmd.namespace, generation=generation)
+        if old == ns:
+            return ()
+        self.namespaces[ns.name] = ns
+        return (Change("namespace", ns.name, ns),)
+
+    def _apply_DeleteNamespace(self, cmd: DeleteNamespace) -> tuple[Change, ...]:
+        if cmd.name == DEFAULT_NAMESPACE:
+            raise StateError("the default namespace cannot be deleted")
+        if cmd.name not in self.namespaces:
+            raise StateError(f"namespace {cmd.name!r} not found")
+        inside = sorted(a.meta.name for a in self.apps.values() if a.meta.namespace == cmd.name)
+        if inside:
+            raise StateError(
+                f"namespace {cmd.name!r} still holds apps: {', '.join(inside)} (delete them first)"
+            )
+        del self.namespaces[cmd.name]
+        return (Change("namespace", cmd.name, None),)
+
+    def _apply_PutApp(self, cmd: PutApp) -> tuple[Change, ...]:
+        meta = cmd.app.meta
+        if meta.namespace not in self.namespaces:
+            raise StateError(f"namespace {meta.namespace!r} not found (create it first)")
+        key = _app_key(meta.namespace, meta.name)
+        old = self.apps.get(key)
+        current = 0 if old is None else old.meta.generation
+        if cmd.expected_generation is not None and cmd.expected_generation != current:
+            raise StateError(
+                f"app {key} is at generation {current}, not {cmd.expected_generation}"
+                " (changed by someone else: read it again)"
+            )
+        if old is not None and old.spec == cmd.app.spec and old.meta.labels == meta.labels:
+            return ()  # applying the same manifest twice is a no-op, not a new generation
+        app = cmd.app.with_generation(current + 1)
+        self.apps[key] = app
+        changes = [Change("app", key, app)]
+        # Scale-down: drop pending reasons for slots that no longer exist.
+        for slot in [s for s in self.pending if s.app == key and s.slot >= app.spec.replicas]:
+            del self.pending[slot]
+        return tuple(changes)
+
+    def _apply_DeleteApp(self, cmd: DeleteApp) -> tuple[Change, ...]:
+        key = _app_key(cmd.namespace, cmd.name)
+        if self.apps.pop(key, None) is None:
+            raise StateError(f"app {key} not found")
+        for slot in [s for s in self.pending if s.app == key]:
+            del self.pending[slot]
+        for slot in [s for s in self.facts if s.app == key]:
+            del self.facts[slot]
+        # Placements stay until the scheduler releases them, so nodes stop the containers
+        # through the same path as any other release.
+        return (Change("app", key, None),)
+
+    def _apply_ApplyDecision(self, cmd: ApplyDecision) -> tuple[Change, ...]:
+        changes: list[Change] = []
+        for namespace, app_name, slot_no in cmd.release:
+            slot = SlotId(_app_key(namespace, app_name), slot_no)
+            if self.placements.pop(slot, None) is not None:
+                self.facts.pop(slot, None)
+                changes.append(Change("placement", str(slot), None))
+        for placement in cmd.place:
+            slot = placement.slot_id
+            app = self.apps.get(slot.app)
+            node = self.nodes.get(placement.node)
+            # Decided against an older state: the app is gone or scaled down, or the node was
+            # removed meanwhile. Skip; the scheduler's next pass decides again.
+            if app is None or slot.slot >= app.spec.replicas or node is None or node.removed:
+                continue
+            placement = attrs.evolve(placement, generation=app.meta.generation)
+            self.placements[slot] = placement
+            self.pending.pop(slot, None)
+            self.facts.pop(slot, None)
+            changes.append(Change("placement", str(slot), placement))
+        for pend in cmd.pending:
+            slot = SlotId(_app_key(pend.namespace, pend.app), pend.slot)
+            app = self.apps.get(slot.app)
+            if app is None or slot.slot >= app.spec.replicas or slot in self.placements:
+                continue
+            if self.pending.get(slot) != pend:
+                self.pending[slot] = pend
+                changes.append(Change("pending", str(slot), pend))
+        return tuple(changes)
+
+    def _apply_PutNode(self, cmd: PutNode) -> tuple[Change, ...]:
+        old = self.nodes.get(cmd.node.name)
+        node = cmd.node
+        if old is not None:
+            if old.removed:
+                raise StateError(f"node {node.name!r} was removed from the cluster; join anew")
+            node = attrs.evolve(node, drained=old.drained, removed=old.removed)
+            if node == old:
+                return ()
+        self.nodes[node.name] = node
+        return (Change("node", node.name, node),)
+
+    def _apply_SetNodeDrained(self, cmd: SetNodeDrained) -> tuple[Change, ...]:
+        node = self._node(cmd.name)
+        if node.drained == cmd.drained:
+            return ()
+        node = attrs.evolve(node, drained=cmd.drained)
+        self.nodes[node.name] = node
+        return (Change("node", node.name, node),)
+
+    def _apply_RemoveNode(self, cmd: RemoveNode) -> tuple[Change, ...]:
+        node = self._node(cmd.name)
+        if node.removed:
+            return ()
+        node = attrs.evolve(node, removed=True)
+        self.nodes[node.name] = node
+        return (Change("node", node.name, node),)
+
+    def _apply_ReportReplica(self, cmd: ReportReplica) -> tuple[Change, ...]:
+        fact = cmd.fact
+        slot = SlotId(_app_key(fact.namespace, fact.app), fact.slot)
+        placement = self.placements.get(slot)
+        # Only the assigned node may report, and only about the current assignment.
+        if (
+            placement is None
+            or placement.node != fact.node
+            or placement.generation != fact.generation
+        ):
+            return ()
+        if self.facts.get(slot) == fact:
+            return ()
+        self.facts[slot] = fact
+        return (Change("replica", str(slot), fact),)
+
+    def _node(self, name: str) -> NodeRecord:
+        node = self.nodes.get(name)
+        if node is None:
+            raise StateError(f"node {name!r} not found")
+        return node
+
+    # ---- views for the scheduler and the reconciler
+
+    def sched_apps(self) -> list[SchedApp]:
+        return [
+            SchedApp(
+                key=key,
+                replicas=app.spec.replicas,
+                cpu_request_millis=app.spec.resources.cpu_request_millicores,
+                memory_request_bytes=app.spec.resources.memory_request_bytes,
+                constraints=app.spec.placement,
+            )
+            for key, app in sorted(self.apps.items())
+        ]
+
+    def sched_nodes(self, live: dict[str, NodeStatus]) -> list[SchedNode]:
+        """Nodes as the scheduler sees them; ``live`` is gossip's status by node name."""
+        out = []
+        for name, node in sorted(self.nodes.items()):
+            status = NodeStatus.REMOVED if node.removed else live.get(name, NodeStatus.DEAD)
+            out.append(
+                SchedNode(
+                    name=name,
+                    status=status,
+                    labels=dict(node.labels),
+                    cpu_millis=node.cpu_millicores,
+                    memory_bytes=node.memory_bytes,
+                    drained=node.drained,
+                )
+            )
+        return out
+
+    def slot_map(self) -> dict[SlotId, str]:
+        return {slot: p.node for slot, p in self.placements.items()}
+
+    def decision_command(self, decision: Decision) -> ApplyDecision | None:
+        """Turn a scheduler decision into the command the leader commits (None: nothing to do)."""
+        place = []
+        for slot, node in decision.place:
+            namespace, _, name = slot.app.partition("/")
+            app = self.apps[slot.app]
+            place.append(Placement(namespace, name, slot.slot, node, app.meta.generation))
+        release = []
+        for slot in decision.release:
+            namespace, _, name = slot.app.partition("/")
+            release.append((namespace, name, slot.slot))
+        pending = []
+        for slot, reason in decision.pending:
+            namespace, _, name = slot.app.partition("/")
+            pend = PendingSlot(namespace, name, slot.slot, reason)
+            if self.pending.get(slot) != pend:
+                pending.append(pend)
+        if not (place or release or pending):
+            return None
+        return ApplyDecision(tuple(place), tuple(release), tuple(pending))
+
+    def placements_for(self, node: str) -> list[Placement]:
+        """What ``node``'s reconciler must run, in a stable order."""
+        return sorted(
+            (p for p in self.placements.values() if p.node == node),
+            key=lambda p: (p.namespace, p.app, p.slot),
+        )
+
+    # ---- snapshots
+
+    def snapshot(self) -> bytes:
+        return codec.encode(
+            StateSnapshot(
+                index=self.index,
+                namespaces=tuple(v for _, v in sorted(self.namespaces.items())),
+                apps=tuple(v for _, v in sorted(self.apps.items())),
+                placements=tuple(v for _, v in sorted(self.placements.items())),
+                pending=tuple(v for _, v in sorted(self.pending.items())),
+                nodes=tuple(v for _, v in sorted(self.nodes.items())),
+                facts=tuple(v for _, v in sorted(self.facts.items())),
+            )
+        )
+
+    @classmethod
+    def restore(cls, data: bytes) -> ClusterState:
+        snap: StateSnapshot = codec.decode(data, StateSnapshot)
+        state = cls()
+        state.index = snap.index
+        state.namespaces = {ns.name: ns for ns in snap.namespaces}
+        state.apps = {_app_key(a.meta.namespace, a.meta.name): a for a in snap.apps}
+        state.placements = {p.slot_id: p for p in snap.placements}
+        state.pending = {SlotId(_app_key(p.namespace, p.app), p.slot): p for p in snap.pending}
+        state.nodes = {n.name: n for n in snap.nodes}
+        state.facts = {SlotId(_app_key(f.namespace, f.app), f.slot): f for f in snap.facts}
+        return state
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ClusterState) and self.snapshot() == other.snapshot()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def decode_command(data: bytes) -> Command:
+    """Bytes from the log -> a command (CodecError for anything else)."""
+    result: Command = codec.decode(data, Command)
+    return result
+
+
+def encode_command(command: Command) -> bytes:
+    return codec.encode(command)
+
+
+def apps_in(state: ClusterState, namespace: str | None) -> Iterable[App]:
+    """Apps of one namespace, or of all when ``namespace`` is None, in name order."""
+    for _key, app in sorted(state.apps.items()):
+        if namespace is None or app.meta.namespace == namespace:
+            yield app
