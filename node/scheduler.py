@@ -68,6 +68,9 @@ class SchedApp:
     cpu_request_millis: int = 0
     memory_request_bytes: int = 0
     constraints: tuple[PlacementConstraint, ...] = ()
+    # Host ports a replica publishes ("8080/tcp"): two replicas publishing one port cannot
+    # share a node, since both would bind the node's advertise address on it.
+    host_ports: frozenset[str] = frozenset()
 
 
 @attrs.frozen(order=True)
@@ -99,6 +102,13 @@ class _Load:
     cpu_millis: int = 0
     memory_bytes: int = 0
     per_app: Counter[str] = attrs.field(factory=Counter)
+    ports: set[str] = attrs.field(factory=set)
+
+    def add(self, app: SchedApp) -> None:
+        self.cpu_millis += app.cpu_request_millis
+        self.memory_bytes += app.memory_request_bytes
+        self.per_app[app.key] += 1
+        self.ports |= app.host_ports
 
 
 def _loads(
@@ -109,10 +119,7 @@ def _loads(
         app = apps.get(slot.app)
         if app is None:
             continue
-        load = loads[node]
-        load.cpu_millis += app.cpu_request_millis
-        load.memory_bytes += app.memory_request_bytes
-        load.per_app[slot.app] += 1
+        loads[node].add(app)
     return loads
 
 
@@ -125,6 +132,9 @@ def _reject_reason(app: SchedApp, node: SchedNode, load: _Load) -> str | None:
     for constraint in app.constraints:
         if not constraint.matches(node.labels):
             return f"not matching {constraint}"
+    clash = app.host_ports & load.ports
+    if clash:
+        return f"published port {min(clash)} in use"
     if app.cpu_request_millis and load.cpu_millis + app.cpu_request_millis > node.cpu_millis:
         return "insufficient cpu"
     if (
@@ -207,10 +217,7 @@ def schedule(
                 pending.append((slot, reason))
                 continue
             place.append((slot, node.name))
-            load = loads[node.name]
-            load.cpu_millis += app.cpu_request_millis
-            load.memory_bytes += app.memory_request_bytes
-            load.per_app[key] += 1
+            loads[node.name].add(app)
     return Decision(place=tuple(place), release=tuple(release), pending=tuple(pending))
 
 

@@ -389,6 +389,11 @@ class ClusterState:
                 cpu_request_millis=app.spec.resources.cpu_request_millicores,
                 memory_request_bytes=app.spec.resources.memory_request_bytes,
                 constraints=app.spec.placement,
+                host_ports=frozenset(
+                    f"{port.published_port}/{port.protocol.value}"
+                    for port in app.spec.ports
+                    if port.published_port is not None
+                ),
             )
             for key, app in sorted(self.apps.items())
         ]

@@ -147,3 +147,22 @@ def test_schedule_is_deterministic_and_converges() -> None:
             by_key = {a.key: a for a in apps}
             assert sum(by_key[s.app].memory_request_bytes for s in mine) <= node.memory_bytes
             assert sum(by_key[s.app].cpu_request_millis for s in mine) <= node.cpu_millis
+
+
+def test_published_port_keeps_replicas_on_distinct_nodes() -> None:
+    app = SchedApp("default/web", 3, host_ports=frozenset({"30080/tcp"}))
+    d = schedule([app], nodes("a", "b"), {})
+    assert sorted(n for _, n in d.place) == ["a", "b"]
+    assert d.pending == (
+        (SlotId("default/web", 2), "0/2 nodes can run it: 2 published port 30080/tcp in use"),
+    )
+
+
+def test_published_port_is_shared_across_apps_too() -> None:
+    web = SchedApp("default/web", 1, host_ports=frozenset({"80/tcp"}))
+    api = SchedApp("default/api", 1, host_ports=frozenset({"80/tcp", "81/tcp"}))
+    udp = SchedApp("default/dns", 1, host_ports=frozenset({"80/udp"}))
+    d = schedule([web, api, udp], nodes("a", "b"), {})
+    by_app = {s.app: n for s, n in d.place}
+    assert by_app["default/api"] != by_app["default/web"]
+    assert by_app["default/dns"] == "a"  # udp/80 does not clash with tcp/80
