@@ -1,0 +1,676 @@
+"""The reconciler's pure planner: placements + what the engine reports -> actions and statuses.
+
+Every node runs a reconciler that makes its local engine match the placements the Raft log
+assigns to it. The decisions live here, free of I/O (no trio, no docker, no clock): the shell
+(:mod:`p2porch.node.reconciler`) lists the node's containers, calls :func:`plan` with the
+current time, performs the returned actions, and feeds their outcomes back through
+:func:`after_start`, :func:`after_restart` and :func:`after_failure`. Keeping the rules pure
+lets unit tests walk every corner (crash loops, duplicates, generation changes, adoption)
+without an engine, and with a clock they set by hand.
+
+The rules of :func:`plan`, per replica assigned to this node:
+
+* no container of the current generation -> **start** one (first removing any container of an
+  older generation: stop-then-start; rolling updates come later);
+* several of the current generation (a healed partition, a crash between create and record)
+  -> keep the newest running one, **remove** the rest;
+* a container whose process ended -> the app's restart policy decides; a restart waits an
+  **exponential back-off** (``backoff_base_s`` doubling up to ``backoff_max_s``, as
+  Kubernetes' CrashLoopBackOff), reset once a run lasted ``backoff_reset_after_s``;
+* a running container of the current generation -> nothing: this is also how a restarted
+  daemon **adopts** what it finds (static stability: a daemon restart restarts no replica).
+
+Containers of this node that match no assigned replica are **removed** (an app deleted or moved
+while the daemon was down, or a partition healed). Containers of other nodes are never looked
+at: the planner drops anything without this node's label, even if the runtime let it through.
+
+Starting a replica can fail for good reasons the user must see (the image does not exist, a
+bind path is missing, the port is taken): those are *terminal* -- ``ReplicaStatus.terminal`` --
+and the daemon logs them as ``ReportReplica`` facts. The planner still retries them on the
+back-off schedule, since an image can appear (built locally) or a port be freed later.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import attrs
+
+from p2porch.common import codec
+from p2porch.node.spec import App, Protocol, RestartPolicyKind, replica_name
+from p2porch.node.state import Placement, ReplicaFact
+
+if TYPE_CHECKING:  # the runtime imports trio and docker; the planner only reads its values
+    from p2porch.node.runtime import ContainerInfo
+
+# Label keys as the runtime stamps them (repeated here so the planner imports no engine code;
+# a unit test checks they agree with p2porch.node.runtime).
+LABEL_NODE = "io.p2porch.node"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@attrs.frozen
+class ReconcilerConfig:
+    """How the reconciler paces itself. Units in the names; checks raise ValueError."""
+
+    # Restart back-off: base, doubling per consecutive crash, capped (Kubernetes: 10 s, 5 min).
+    backoff_base_s: float = 10.0
+    backoff_max_s: float = 300.0
+    # A run at least this long resets the back-off to the base (Kubernetes: 10 min).
+    backoff_reset_after_s: float = 600.0
+    # A full pass at least this often, even without events (missed events, engine restarts).
+    resync_interval_s: float = 10.0
+    # After the engine failed to answer a listing, try again this soon.
+    engine_retry_s: float = 2.0
+    # Engine actions (create, start, stop, remove) in flight at once.
+    max_parallel_actions: int = 8
+    # Seconds between SIGTERM and SIGKILL when stopping; None: the app's stop_grace_s.
+    stop_timeout_s: int | None = None
+    # True: bind each port's ``published_port`` on the advertise address directly (only one
+    # replica per node can then hold it). False: every replica gets a free host port there,
+    # reported in its status, and the data plane's routing mesh serves the published port.
+    bind_published_ports: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if not self.backoff_base_s > 0:
+            raise ValueError(f"backoff_base_s must be > 0, got {self.backoff_base_s}")
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError(
+                f"backoff_max_s ({self.backoff_max_s}) must be >= backoff_base_s "
+                f"({self.backoff_base_s})"
+            )
+        if self.backoff_reset_after_s < 0:
+            raise ValueError(
+                f"backoff_reset_after_s must be >= 0, got {self.backoff_reset_after_s}"
+            )
+        if not self.resync_interval_s > 0:
+            raise ValueError(f"resync_interval_s must be > 0, got {self.resync_interval_s}")
+        if not self.engine_retry_s > 0:
+            raise ValueError(f"engine_retry_s must be > 0, got {self.engine_retry_s}")
+        if self.max_parallel_actions < 1:
+            raise ValueError(f"max_parallel_actions must be >= 1, got {self.max_parallel_actions}")
+        if self.stop_timeout_s is not None and self.stop_timeout_s < 0:
+            raise ValueError(f"stop_timeout_s must be >= 0 or None, got {self.stop_timeout_s}")
+
+    @classmethod
+    def lan(cls) -> ReconcilerConfig:
+        """Real nodes: Kubernetes' pacing."""
+        return cls()
+
+    @classmethod
+    def local(cls) -> ReconcilerConfig:
+        """A laptop cluster: same back-off, quicker resync."""
+        return cls(resync_interval_s=5.0, engine_retry_s=1.0)
+
+    @classmethod
+    def fast(cls) -> ReconcilerConfig:
+        """Tests: sub-second back-off so crash loops show within a test's budget."""
+        return cls(
+            backoff_base_s=0.2,
+            backoff_max_s=1.6,
+            backoff_reset_after_s=30.0,
+            resync_interval_s=2.0,
+            engine_retry_s=0.5,
+            stop_timeout_s=1,
+        )
+
+    def backoff_s(self, step: int) -> float:
+        """The wait before restart number ``step + 1`` of a crash loop: base * 2**step, capped."""
+        # Doubling past the cap is pointless (and 2**step would grow without bound).
+        delay = self.backoff_base_s
+        for _ in range(step):
+            delay *= 2
+            if delay >= self.backoff_max_s:
+                return self.backoff_max_s
+        return min(delay, self.backoff_max_s)
+
+
+# --------------------------------------------------------------------------- values
+
+
+@attrs.frozen(order=True)
+class ReplicaKey:
+    """A replica's identity on a node, as the container labels carry it."""
+
+    namespace: str
+    app: str
+    replica: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.replica}"
+
+
+@attrs.frozen
+class Assignment:
+    """One replica this node must run: the placement and the app (its current spec)."""
+
+    placement: Placement
+    app: App
+
+    @property
+    def name(self) -> str:
+        return replica_name(self.placement.app, self.placement.slot)
+
+    @property
+    def key(self) -> ReplicaKey:
+        return ReplicaKey(self.placement.namespace, self.placement.app, self.name)
+
+    @property
+    def generation(self) -> int:
+        """The generation to run: the app's current spec is the only one this node knows."""
+        return self.app.meta.generation
+
+
+def assignments_for(
+    node: str, placements: Sequence[Placement], apps: Mapping[tuple[str, str], App]
+) -> list[Assignment]:
+    """Pair this node's placements with their apps; placements of a deleted app are dropped
+    (the app is gone, so its replicas stop even before the scheduler releases the slots)."""
+    out = []
+    for placement in placements:
+        if placement.node != node:
+            continue
+        app = apps.get((placement.namespace, placement.app))
+        if app is None:
+            continue
+        out.append(Assignment(placement, app))
+    return sorted(out, key=lambda a: a.key)
+
+
+class ReplicaState(enum.Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+@codec.register(300)
+@attrs.frozen
+class ReplicaStatus:
+    """What this node says about one replica assigned to it (gossiped; the API shows it).
+
+    ``terminal`` marks a fact that will not change by itself: the replica cannot start (image
+    unavailable, invalid mount, port taken) or its process ended and the restart policy says
+    no more. The daemon logs those as ``ReportReplica``; everything else is volatile.
+    ``published_ports`` pairs ``"8080"`` (or ``"53/udp"``) with ``"host:port"``.
+    """
+
+    name: str
+    namespace: str
+    app: str
+    slot: int
+    node: str
+    generation: int
+    state: ReplicaState
+    restarts: int = 0
+    exit_code: int | None = None
+    oom_killed: bool = False
+    reason: str = ""
+    container_id: str = ""
+    published_ports: tuple[tuple[str, str], ...] = ()
+    terminal: bool = False
+
+    @property
+    def ready(self) -> bool:
+        return self.state is ReplicaState.RUNNING
+
+    def to_json(self) -> dict[str, Any]:
+        """The replica object of docs/api.md (``GET /v1/replicas``)."""
+        return {
+            "name": self.name,
+            "app": self.app,
+            "namespace": self.namespace,
+            "node": self.node,
+            "slot": self.slot,
+            "generation": self.generation,
+            "state": self.state.value,
+            "ready": self.ready,
+            "restarts": self.restarts,
+            "exitCode": self.exit_code,
+            "oomKilled": self.oom_killed,
+            "reason": self.reason,
+            "containerId": self.container_id,
+            "publishedPorts": dict(self.published_ports),
+            "terminal": self.terminal,
+        }
+
+    def to_fact(self, placement_generation: int) -> ReplicaFact | None:
+        """The ``ReportReplica`` fact for a terminal status (None when not terminal).
+
+        The state machine accepts a fact only for the placement's own generation, so the
+        caller passes that (it can lag the app's generation: see the reconciler's notes).
+        """
+        if not self.terminal:
+            return None
+        state = "succeeded" if self.state is ReplicaState.SUCCEEDED else "failed"
+        return ReplicaFact(
+            namespace=self.namespace,
+            app=self.app,
+            slot=self.slot,
+            node=self.node,
+            generation=placement_generation,
+            state=state,
+            reason=self.reason,
+        )
+
+
+# An exit, identified by the container and when the engine says it ended: a restarted-in-place
+# container that ends again is a new exit.
+ExitKey = tuple[str, float]
+
+
+@attrs.frozen
+class ReplicaBook:
+    """Restart bookkeeping for one assigned replica, kept by the shell between passes.
+
+    Reset when the replica's generation changes: a new spec starts with a clean slate.
+    """
+
+    generation: int
+    # Restarts this reconciler performed (shown as ``restarts``; never reset but by generation).
+    restarts: int = 0
+    # Consecutive back-off steps: the next restart waits backoff_s(backoff_step).
+    backoff_step: int = 0
+    # The last exit seen, when the planner first saw it (the back-off clock starts there).
+    last_exit: ExitKey | None = None
+    exit_seen_at: float = 0.0
+    # The exit a restart has already answered (a stale listing must not restart it twice).
+    restarted_from: ExitKey | None = None
+    # Failed start/restart attempts in a row, the next allowed attempt, and why they failed.
+    failures: int = 0
+    retry_at: float = 0.0
+    last_error: str = ""
+    error_terminal: bool = False
+
+
+@attrs.frozen
+class StartReplica:
+    """Create and start the replica, first stopping and removing ``remove_ids``."""
+
+    key: ReplicaKey
+    assignment: Assignment
+    remove_ids: tuple[str, ...] = ()
+    why: str = "creating container"
+
+
+@attrs.frozen
+class RestartContainer:
+    """Start the ended container again in place (same id, its logs kept)."""
+
+    key: ReplicaKey
+    assignment: Assignment
+    container_id: str
+    exit: ExitKey
+    why: str = ""
+
+
+@attrs.frozen
+class RemoveContainer:
+    """Stop (gracefully, if running) and remove a container of this node."""
+
+    container_id: str
+    key: ReplicaKey | None
+    why: str
+    running: bool = False
+
+
+Action = StartReplica | RestartContainer | RemoveContainer
+
+
+@attrs.frozen
+class Plan:
+    """One pass's output: what to do, the new bookkeeping, statuses, and when to look again."""
+
+    actions: tuple[Action, ...]
+    books: dict[ReplicaKey, ReplicaBook]
+    statuses: tuple[ReplicaStatus, ...]
+    # The earliest back-off expiry (None: nothing is waiting on a timer).
+    next_wake_at: float | None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def container_key(info: ContainerInfo) -> ReplicaKey | None:
+    """The replica a container claims to be (None if its labels are incomplete)."""
+    if not (info.namespace and info.app and info.replica):
+        return None
+    return ReplicaKey(info.namespace, info.app, info.replica)
+
+
+def owned_by(info: ContainerInfo, node: str) -> bool:
+    return dict(info.labels).get(LABEL_NODE) == node
+
+
+def _is_running(info: ContainerInfo) -> bool:
+    return info.state.value in ("running", "paused")
+
+
+def _ended(info: ContainerInfo) -> bool:
+    return info.state.value in ("exited", "dead")
+
+
+def _timestamp(info: ContainerInfo, field: str) -> float:
+    value = getattr(info, field)
+    return float(value.timestamp()) if value is not None else 0.0
+
+
+def _newest_first(info: ContainerInfo) -> tuple[bool, float, float, str]:
+    """Sort key for duplicates: running first, then the latest start, then the latest end."""
+    return (
+        not _is_running(info),
+        -_timestamp(info, "started_at"),
+        -_timestamp(info, "finished_at"),
+        info.id,
+    )
+
+
+def published_ports(info: ContainerInfo) -> tuple[tuple[str, str], ...]:
+    out = []
+    for port in info.ports:
+        key = str(port.container_port)
+        if port.protocol is not Protocol.TCP:
+            key += f"/{port.protocol.value}"
+        out.append((key, f"{port.host_ip}:{port.host_port}"))
+    return tuple(sorted(set(out)))
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _exit_words(exit_code: int, oom: bool) -> str:
+    return "OOMKilled" if oom else f"exit {exit_code}"
+
+
+def _run_length_s(info: ContainerInfo) -> float:
+    if info.started_at is None or info.finished_at is None:
+        return 0.0
+    return max(0.0, float((info.finished_at - info.started_at).total_seconds()))
+
+
+def unknown_statuses(
+    node: str,
+    assignments: Sequence[Assignment],
+    previous: Sequence[ReplicaStatus],
+    reason: str,
+) -> tuple[ReplicaStatus, ...]:
+    """Statuses while the engine does not answer: every assigned replica is ``unknown``.
+
+    What was known before (container id, restarts, ports) is kept, so the API still shows it.
+    """
+    known = {(s.namespace, s.app, s.name): s for s in previous}
+    out = []
+    for assignment in sorted(assignments, key=lambda a: a.key):
+        if assignment.placement.node != node:
+            continue
+        key = assignment.key
+        status = known.get((key.namespace, key.app, key.replica))
+        if status is None or status.generation != assignment.generation:
+            status = ReplicaStatus(
+                name=assignment.name,
+                namespace=key.namespace,
+                app=key.app,
+                slot=assignment.placement.slot,
+                node=node,
+                generation=assignment.generation,
+                state=ReplicaState.UNKNOWN,
+            )
+        out.append(attrs.evolve(status, state=ReplicaState.UNKNOWN, reason=reason, terminal=False))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------------- outcomes
+
+
+def after_start(book: ReplicaBook) -> ReplicaBook:
+    """A create-and-start succeeded: start failures are forgotten (restarts are not)."""
+    return attrs.evolve(book, failures=0, retry_at=0.0, last_error="", error_terminal=False)
+
+
+def after_restart(book: ReplicaBook, exit: ExitKey) -> ReplicaBook:
+    """A restart after ``exit`` succeeded: count it and step the back-off."""
+    return attrs.evolve(
+        after_start(book),
+        restarts=book.restarts + 1,
+        backoff_step=book.backoff_step + 1,
+        restarted_from=exit,
+    )
+
+
+def after_failure(
+    book: ReplicaBook, error: str, terminal: bool, now: float, config: ReconcilerConfig
+) -> ReplicaBook:
+    """A start or restart failed: remember why and wait the back-off before trying again."""
+    return attrs.evolve(
+        book,
+        failures=book.failures + 1,
+        retry_at=now + config.backoff_s(book.failures),
+        last_error=error,
+        error_terminal=terminal,
+    )
+
+
+# --------------------------------------------------------------------------- the planner
+
+
+def plan(
+    node: str,
+    assignments: Sequence[Assignment],
+    containers: Sequence[ContainerInfo],
+    books: Mapping[ReplicaKey, ReplicaBook],
+    now: float,
+    *,
+    config: ReconcilerConfig,
+    busy: Mapping[ReplicaKey, str] | None = None,
+    busy_containers: frozenset[str] = frozenset(),
+) -> Plan:
+    """Decide one reconciliation pass (see the module docstring for the rules).
+
+    ``busy`` maps replicas with an action still in flight to what it is doing (they are left
+    alone, and shown as starting); ``busy_containers`` are ids being removed right now.
+    """
+    busy = busy or {}
+    by_key: dict[ReplicaKey, list[ContainerInfo]] = {}
+    actions: list[Action] = []
+    wanted = {a.key: a for a in assignments if a.placement.node == node}
+    for info in sorted(containers, key=lambda c: c.id):
+        if not owned_by(info, node) or info.id in busy_containers:
+            continue
+        key = container_key(info)
+        if key is None or key not in wanted:
+            # A replica unassigned while its start is in flight: removed once that ends.
+            if info.state.value != "removing" and key not in busy:
+                actions.append(
+                    RemoveContainer(
+                        info.id,
+                        key,
+                        "not assigned to this node" if key else "unlabelled p2porch container",
+                        _is_running(info),
+                    )
+                )
+            continue
+        by_key.setdefault(key, []).append(info)
+
+    new_books: dict[ReplicaKey, ReplicaBook] = {}
+    statuses: list[ReplicaStatus] = []
+    wakes: list[float] = []
+    for key, assignment in sorted(wanted.items()):
+        book = books.get(key)
+        if book is None or book.generation != assignment.generation:
+            book = ReplicaBook(generation=assignment.generation)
+        ctx = _Ctx(assignment, node, now, config)
+        found = by_key.get(key, [])
+        if key in busy:
+            new_books[key] = book
+            current = [c for c in found if c.generation == assignment.generation]
+            shown = min(current, key=_newest_first) if current else None
+            statuses.append(ctx.status(book, ReplicaState.STARTING, busy[key], shown))
+            continue
+        step = _plan_replica(ctx, found, book)
+        new_books[key] = step.book
+        statuses.append(step.status)
+        actions.extend(step.actions)
+        if step.wake_at is not None:
+            wakes.append(step.wake_at)
+    return Plan(
+        actions=tuple(actions),
+        books=new_books,
+        statuses=tuple(statuses),
+        next_wake_at=min(wakes) if wakes else None,
+    )
+
+
+@attrs.frozen
+class _Step:
+    book: ReplicaBook
+    status: ReplicaStatus
+    actions: tuple[Action, ...] = ()
+    wake_at: float | None = None
+
+
+@attrs.frozen
+class _Ctx:
+    """What every rule of one replica's pass needs."""
+
+    assignment: Assignment
+    node: str
+    now: float
+    config: ReconcilerConfig
+
+    def status(
+        self,
+        book: ReplicaBook,
+        state: ReplicaState,
+        reason: str,
+        info: ContainerInfo | None = None,
+        *,
+        exit_code: int | None = None,
+        oom: bool = False,
+        terminal: bool = False,
+    ) -> ReplicaStatus:
+        placement = self.assignment.placement
+        return ReplicaStatus(
+            name=self.assignment.name,
+            namespace=placement.namespace,
+            app=placement.app,
+            slot=placement.slot,
+            node=self.node,
+            generation=self.assignment.generation,
+            state=state,
+            restarts=book.restarts,
+            exit_code=exit_code,
+            oom_killed=oom,
+            reason=reason,
+            container_id=info.id if info is not None else "",
+            published_ports=published_ports(info) if info is not None else (),
+            terminal=terminal,
+        )
+
+
+def _plan_replica(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _Step:
+    key = ctx.assignment.key
+    generation = ctx.assignment.generation
+    current = sorted((c for c in found if c.generation == generation), key=_newest_first)
+    older = [c for c in found if c.generation != generation and c.state.value != "removing"]
+    actions: list[Action] = []
+    keeper = current[0] if current else None
+    for extra in current[1:]:
+        if extra.state.value != "removing":
+            actions.append(
+                RemoveContainer(extra.id, key, "duplicate of this replica", _is_running(extra))
+            )
+
+    if keeper is None or keeper.state.value in ("created", "removing"):
+        # Nothing usable: start one. A container left "created" (a start interrupted before
+        # the runtime could clean up) is replaced; one being removed is waited for.
+        if keeper is not None and keeper.state.value == "removing":
+            status = ctx.status(book, ReplicaState.PENDING, "previous container being removed")
+            return _Step(book, status, tuple(actions))
+        remove_ids = tuple(c.id for c in older) + ((keeper.id,) if keeper else ())
+        old_gens = sorted({c.generation for c in older if c.generation is not None})
+        why = (
+            f"replacing generation {', '.join(map(str, old_gens))} with {generation}"
+            if old_gens
+            else "creating container"
+        )
+        if book.last_error:
+            state = ReplicaState.FAILED if book.error_terminal else ReplicaState.PENDING
+            if ctx.now < book.retry_at:
+                reason = f"{book.last_error} (retry in {_fmt_s(round(book.retry_at - ctx.now, 1))})"
+                status = ctx.status(book, state, reason, terminal=book.error_terminal)
+                return _Step(book, status, tuple(actions), wake_at=book.retry_at)
+            reason = f"{book.last_error} (retrying)"
+            status = ctx.status(book, state, reason, terminal=book.error_terminal)
+        else:
+            status = ctx.status(book, ReplicaState.PENDING, why)
+        actions.append(StartReplica(key, ctx.assignment, remove_ids, why))
+        return _Step(book, status, tuple(actions))
+
+    # A usable container of the current generation exists: older ones just go.
+    for old in older:
+        actions.append(
+            RemoveContainer(old.id, key, f"generation {old.generation} replaced", _is_running(old))
+        )
+    if _is_running(keeper):
+        status = ctx.status(book, ReplicaState.RUNNING, "", keeper)
+        return _Step(book, status, tuple(actions))
+    if not _ended(keeper):  # restarting / unknown: the engine is in the middle of something
+        status = ctx.status(book, ReplicaState.STARTING, keeper.state.value, keeper)
+        return _Step(book, status, tuple(actions))
+    return _plan_ended(ctx, keeper, book, actions)
+
+
+def _plan_ended(
+    ctx: _Ctx, keeper: ContainerInfo, book: ReplicaBook, actions: list[Action]
+) -> _Step:
+    """The replica's process ended: restart per policy after the back-off, or report it."""
+    exit_code = keeper.exit_code if keeper.exit_code is not None else -1
+    oom = keeper.oom_killed
+    exit_key: ExitKey = (keeper.id, _timestamp(keeper, "finished_at"))
+    if exit_key != book.last_exit:
+        step = book.backoff_step
+        if _run_length_s(keeper) >= ctx.config.backoff_reset_after_s:
+            step = 0  # it ran stably for a while: this crash starts a new loop
+        book = attrs.evolve(book, last_exit=exit_key, exit_seen_at=ctx.now, backoff_step=step)
+    if exit_key == book.restarted_from:
+        # Restarted already; this listing predates the restart.
+        status = ctx.status(book, ReplicaState.STARTING, "restarting", keeper)
+        return _Step(book, status, tuple(actions))
+    words = _exit_words(exit_code, oom)
+    ended = ReplicaState.SUCCEEDED if exit_code == 0 and not oom else ReplicaState.FAILED
+    policy = ctx.assignment.app.spec.restart_policy
+    if not policy.should_restart(exit_code, book.restarts):
+        if policy.kind is RestartPolicyKind.NEVER:
+            why = "restart policy never"
+        elif policy.kind is RestartPolicyKind.ON_FAILURE and exit_code == 0:
+            why = "completed; restart policy on-failure"
+        else:
+            why = f"restart limit {policy.max_restarts} reached"
+        reason = f"OOMKilled; {why}" if oom else f"exited ({words}); {why}"
+        status = ctx.status(
+            book, ended, reason, keeper, exit_code=exit_code, oom=oom, terminal=True
+        )
+        return _Step(book, status, tuple(actions))
+    delay = ctx.config.backoff_s(book.backoff_step)
+    due = max(book.exit_seen_at + delay, book.retry_at)
+    kind = "completed" if ended is ReplicaState.SUCCEEDED else "failed"
+    prefix = "OOMKilled; " if oom else ""
+    if ctx.now < due:
+        reason = f"{prefix}back-off {_fmt_s(delay)} restarting {kind} container ({words})"
+        if book.last_error:
+            reason += f"; last attempt: {book.last_error}"
+        status = ctx.status(book, ended, reason, keeper, exit_code=exit_code, oom=oom)
+        return _Step(book, status, tuple(actions), wake_at=due)
+    reason = f"{prefix}restarting {kind} container ({words})"
+    status = ctx.status(book, ended, reason, keeper, exit_code=exit_code, oom=oom)
+    actions.append(
+        RestartContainer(ctx.assignment.key, ctx.assignment, keeper.id, exit_key, reason)
+    )
+    return _Step(book, status, tuple(actions))

@@ -1,0 +1,392 @@
+"""The reconciler's trio shell: makes this node's Docker engine match its placements.
+
+Every node runs one :class:`Reconciler`. The daemon tells it what this node must run with
+:meth:`Reconciler.set_desired` (each time the Raft log applies a change); the reconciler does
+the rest, on its own schedule:
+
+* it wakes on a new desired set, on the engine's events for this node's containers (die, oom,
+  start, destroy -- a crash is answered at once, not at the next poll), on a resync timer, and
+  when a back-off timer expires;
+* each pass lists the node's containers (``DockerRuntime.list_owned``: only those labelled
+  ``io.p2porch.node=<this node>``), asks the pure planner (:mod:`p2porch.node.reconcile_core`)
+  what to do, and starts the actions as background tasks, at most ``max_parallel_actions`` at
+  once; a replica with an action in flight is left alone by later passes until it completes;
+* it keeps a :class:`~p2porch.node.reconcile_core.ReplicaStatus` per assigned replica.
+
+Status changes, for the daemon (gossip, the API, ``ReportReplica``): :meth:`statuses` is the
+current list, :attr:`status_version` counts changes, and ``await wait_statuses_changed(seen)``
+returns as soon as the version passes ``seen``. A version counter rather than a channel: the
+daemon only ever wants the *latest* statuses, so a slow reader skips intermediate versions
+instead of queueing them, and any number of readers can wait. :meth:`terminal_facts` gives
+the ``ReplicaFact`` values to log for replicas that cannot start or ended for good.
+
+Static stability: the first pass waits for the first :meth:`set_desired` (so a restarted
+daemon does not take "nothing assigned yet" for "remove everything"); then containers that
+match a placement are adopted as they are, and the others are removed.
+
+Restarts happen in place (the ended container is started again, same id, so ``logs`` shows
+the crashed runs too); a new spec generation replaces the container (stop, remove, create).
+The runtime has no ``start(container_id)`` call, so a restart checks ownership with
+``inspect`` and then starts through ``run_engine`` (see the report: a runtime method would be
+cleaner).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import trio
+
+from p2porch.node import reconcile_core as core
+from p2porch.node.errors import (
+    ContainerNotFound,
+    EngineRefused,
+    ImageUnavailable,
+    NodeError,
+    NotOwned,
+    SpecError,
+)
+from p2porch.node.reconcile_core import (
+    Action,
+    Assignment,
+    ReconcilerConfig,
+    ReplicaBook,
+    ReplicaKey,
+    ReplicaState,
+    ReplicaStatus,
+)
+from p2porch.node.runtime import ContainerRequest, DockerRuntime
+from p2porch.node.spec import App
+from p2porch.node.state import Placement, ReplicaFact
+
+log = logging.getLogger("p2porch.node.reconciler")
+
+__all__ = ["Reconciler", "ReconcilerConfig", "ReconcilerError", "ReplicaState", "ReplicaStatus"]
+
+# Listings retried when an action completed meanwhile (the listing may predate its effect).
+_MAX_RELISTS = 3
+
+
+class ReconcilerError(NodeError):
+    """The reconciler was set up wrongly (e.g. a runtime of another node)."""
+
+
+class Reconciler:
+    """Drives the local engine toward this node's placements (see the module docstring)."""
+
+    def __init__(
+        self,
+        runtime: DockerRuntime,
+        node_name: str,
+        advertise_host: str,
+        config: ReconcilerConfig | None = None,
+        *,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        if runtime.node_name != node_name:
+            raise ReconcilerError(
+                f"the runtime belongs to node {runtime.node_name!r}, not {node_name!r}"
+            )
+        if runtime.advertise_address != advertise_host:
+            raise ReconcilerError(
+                f"the runtime publishes ports on {runtime.advertise_address}, "
+                f"not on the advertise address {advertise_host}"
+            )
+        self.node_name = node_name
+        self.advertise_host = advertise_host
+        self.config = config or ReconcilerConfig()
+        self._runtime = runtime
+        self._clock = clock
+        self._assignments: list[Assignment] = []
+        self._placements: dict[ReplicaKey, Placement] = {}
+        self._have_desired = trio.Event()
+        self._halted = False
+        self._books: dict[ReplicaKey, ReplicaBook] = {}
+        self._statuses: tuple[ReplicaStatus, ...] = ()
+        self._version = 0
+        self._changed = trio.Event()
+        self._wake = trio.Event()
+        self._busy: dict[ReplicaKey, str] = {}
+        self._busy_containers: set[str] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+        self._completed = 0
+        self._limiter = trio.CapacityLimiter(self.config.max_parallel_actions)
+        self._image_locks: dict[str, trio.Lock] = {}
+        self._actions: trio.Nursery | None = None
+        # Counters, for tests and the daemon's metrics.
+        self.passes = 0
+        self.events_seen = 0
+        self.actions_done = 0
+
+    # ------------------------------------------------------------------ the daemon's side
+
+    def set_desired(self, placements: Iterable[Placement], apps: Iterable[App]) -> None:
+        """What this node must run now (placements of other nodes are ignored)."""
+        by_key = {app.key: app for app in apps}
+        self._assignments = core.assignments_for(self.node_name, list(placements), by_key)
+        self._placements = {a.key: a.placement for a in self._assignments}
+        self._halted = False
+        self._have_desired.set()
+        self._poke()
+
+    def statuses(self) -> list[ReplicaStatus]:
+        """The status of every replica assigned to this node, in (namespace, app, name) order."""
+        return list(self._statuses)
+
+    @property
+    def status_version(self) -> int:
+        """Bumped on every change of :meth:`statuses`."""
+        return self._version
+
+    async def wait_statuses_changed(self, seen_version: int) -> int:
+        """Wait until the status version is past ``seen_version``; return the new version."""
+        while self._version <= seen_version:
+            await self._changed.wait()
+        return self._version
+
+    def terminal_facts(self) -> list[ReplicaFact]:
+        """``ReportReplica`` facts for replicas that cannot start or ended for good."""
+        out = []
+        for status in self._statuses:
+            placement = self._placements.get(ReplicaKey(status.namespace, status.app, status.name))
+            fact = status.to_fact(placement.generation) if placement is not None else None
+            if fact is not None:
+                out.append(fact)
+        return out
+
+    def poke(self) -> None:
+        """Ask for a pass now (e.g. after the daemon learned the engine restarted)."""
+        self._poke()
+
+    # ------------------------------------------------------------------ the loop
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reconcile until cancelled. ``started`` once the engine event watch is set up."""
+        async with trio.open_nursery() as nursery:
+            self._actions = nursery
+            await nursery.start(self._watch_events)
+            task_status.started()
+            await self._have_desired.wait()
+            while True:
+                deadline = await self._pass()
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+
+    async def shutdown_all(self) -> None:
+        """Stop and remove every container of this node (tests, ``leave --stop-containers``).
+
+        Clears the desired set, waits for actions in flight, then removes what is left; the
+        loop stays idle until the next :meth:`set_desired`.
+        """
+        self._halted = True
+        self._assignments = []
+        self._placements = {}
+        await self._idle.wait()
+        containers = await self._runtime.list_owned()
+        async with trio.open_nursery() as nursery:
+            for info in containers:
+                action = core.RemoveContainer(info.id, None, "shutting down", info.running)
+                nursery.start_soon(self._limited, action)
+        self._books = {}
+        self._publish(())
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def _pass(self) -> float:
+        """One reconciliation pass; returns when the next one is due at the latest."""
+        self._wake = trio.Event()  # set from here on: a wake during the listing is kept
+        self.passes += 1
+        for _ in range(_MAX_RELISTS):
+            epoch = self._completed
+            try:
+                containers = await self._runtime.list_owned()
+            except NodeError as exc:
+                log.warning("node %s: cannot list containers: %s", self.node_name, exc)
+                self._engine_down(str(exc))
+                return self._clock() + self.config.engine_retry_s
+            if self._completed == epoch:
+                break
+        if self._halted:
+            return self._clock() + self.config.resync_interval_s
+        now = self._clock()
+        result = core.plan(
+            self.node_name,
+            self._assignments,
+            containers,
+            self._books,
+            now,
+            config=self.config,
+            busy=self._busy,
+            busy_containers=frozenset(self._busy_containers),
+        )
+        self._books = result.books
+        self._publish(result.statuses)
+        for action in result.actions:
+            self._start_action(action)
+        deadline = now + self.config.resync_interval_s
+        if result.next_wake_at is not None:
+            deadline = min(deadline, result.next_wake_at)
+        return deadline
+
+    def _engine_down(self, reason: str) -> None:
+        """The engine does not answer: what we knew is now unknown."""
+        self._publish(
+            core.unknown_statuses(
+                self.node_name,
+                self._assignments,
+                self._statuses,
+                f"engine unavailable: {reason}",
+            )
+        )
+
+    def _publish(self, statuses: tuple[ReplicaStatus, ...]) -> None:
+        if statuses == self._statuses:
+            return
+        self._statuses = statuses
+        self._version += 1
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _watch_events(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """Wake the loop on every engine event for this node; resubscribe when it drops."""
+        started = False
+        while True:
+            try:
+                async with self._runtime.events() as events:
+                    if not started:
+                        task_status.started()
+                        started = True
+                    self._poke()  # (re)subscribed: events may have been missed meanwhile
+                    async for event in events:
+                        self.events_seen += 1
+                        log.debug("node %s: %s %s", self.node_name, event.kind.value, event.replica)
+                        self._poke()
+            except NodeError as exc:
+                log.warning("node %s: engine event stream: %s", self.node_name, exc)
+            if not started:
+                task_status.started()
+                started = True
+            await trio.sleep(self.config.engine_retry_s)
+
+    # ------------------------------------------------------------------ actions
+
+    def _start_action(self, action: Action) -> None:
+        if self._actions is None:
+            raise ReconcilerError("actions can only start inside run()")
+        if isinstance(action, core.RemoveContainer):
+            self._busy_containers.add(action.container_id)
+        else:
+            self._busy[action.key] = (
+                action.why if isinstance(action, core.StartReplica) else "restarting"
+            )
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._actions.start_soon(self._limited, action)
+
+    async def _limited(self, action: Action) -> None:
+        try:
+            async with self._limiter:
+                if isinstance(action, core.StartReplica):
+                    await self._start_replica(action)
+                elif isinstance(action, core.RestartContainer):
+                    await self._restart(action)
+                else:
+                    await self._remove(action.container_id, action.running, action.why)
+        finally:
+            if isinstance(action, core.RemoveContainer):
+                self._busy_containers.discard(action.container_id)
+            else:
+                self._busy.pop(action.key, None)
+            self._completed += 1
+            self.actions_done += 1
+            if not self._busy and not self._busy_containers:
+                self._idle.set()
+            self._poke()
+
+    def _update_book(
+        self, key: ReplicaKey, generation: int, fn: Callable[[ReplicaBook], ReplicaBook]
+    ) -> None:
+        book = self._books.get(key)
+        if book is None or book.generation != generation:
+            return  # reassigned or a new generation meanwhile: this outcome is stale
+        self._books[key] = fn(book)
+
+    async def _start_replica(self, action: core.StartReplica) -> None:
+        assignment = action.assignment
+        key, generation = action.key, assignment.generation
+        for container_id in action.remove_ids:
+            await self._remove(container_id, True, action.why)
+        image = assignment.app.spec.image
+        try:
+            lock = self._image_locks.setdefault(image, trio.Lock())
+            async with lock:
+                if not await self._runtime.has_image(image):
+                    self._busy[key] = f"pulling image {image}"
+                    self._poke()
+                    await self._runtime.ensure_image(image)
+            self._busy[key] = "starting container"
+            request = ContainerRequest.for_replica(
+                assignment.app, assignment.name, publish=self.config.bind_published_ports
+            )
+            info = await self._runtime.create_and_start(request)
+        except ImageUnavailable as exc:
+            self._failed(key, generation, f"image {exc.ref} unavailable: {exc.reason}", True)
+        except (EngineRefused, NotOwned, SpecError) as exc:
+            self._failed(key, generation, f"cannot start: {exc}", True)
+        except NodeError as exc:
+            self._failed(key, generation, f"start failed: {exc}", False)
+        else:
+            log.info(
+                "node %s: started %s (%s) as %s", self.node_name, key, action.why, info.id[:12]
+            )
+            self._update_book(key, generation, core.after_start)
+
+    async def _restart(self, action: core.RestartContainer) -> None:
+        key, generation = action.key, action.assignment.generation
+        container_id = action.container_id
+        try:
+            await self._runtime.inspect(container_id)  # raises NotOwned for a foreign id
+            await self._runtime.run_engine(
+                lambda client: client.api.start(container_id),
+                f"restarting container {container_id[:12]}",
+            )
+        except ContainerNotFound:
+            return  # gone meanwhile: the next pass creates a new one
+        except (EngineRefused, NotOwned) as exc:
+            self._failed(key, generation, f"cannot restart: {exc}", True)
+        except NodeError as exc:
+            self._failed(key, generation, f"restart failed: {exc}", False)
+        else:
+            log.info("node %s: %s %s", self.node_name, action.why, key)
+            self._update_book(key, generation, lambda b: core.after_restart(b, action.exit))
+
+    def _failed(self, key: ReplicaKey, generation: int, error: str, terminal: bool) -> None:
+        log.warning("node %s: replica %s: %s", self.node_name, key, error)
+        now = self._clock()
+        self._update_book(
+            key, generation, lambda b: core.after_failure(b, error, terminal, now, self.config)
+        )
+
+    async def _remove(self, container_id: str, running: bool, why: str) -> None:
+        """Stop gracefully when running, then remove; failures are left for the next pass."""
+        try:
+            if running:
+                try:
+                    await self._runtime.stop(container_id, timeout_s=self.config.stop_timeout_s)
+                except ContainerNotFound:
+                    return
+            await self._runtime.remove(container_id, missing_ok=True)
+            log.info("node %s: removed %s (%s)", self.node_name, container_id[:12], why)
+        except NotOwned as exc:
+            log.warning("node %s: refusing to remove: %s", self.node_name, exc)
+        except ContainerNotFound:
+            pass
+        except NodeError as exc:
+            log.warning(
+                "node %s: removing %s failed (retried next pass): %s",
+                self.node_name,
+                container_id[:12],
+                exc,
+            )
