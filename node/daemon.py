@@ -1,0 +1,841 @@
+"""The node daemon: one trio nursery wiring gossip, Raft, the state machine, the scheduler,
+the reconciler and the API.
+
+Every machine runs this same process (``p2porch agent``). What it does depends only on its data
+directory and flags:
+
+- empty data dir, no ``--join``: create a new cluster (Raft bootstrapped with this node as the
+  only voter, a fresh join token and gossip key);
+- empty data dir, ``--join PEER --token T``: ask PEER to admit it (the leader adds it as a Raft
+  learner and records it), then catch up and serve;
+- existing data dir: restart and rejoin through the peers it knew (``peers.json``).
+
+Roles that move: the Raft leader runs the scheduler and the membership manager; every node
+runs its reconciler and serves the API. SIGTERM leaves gossip, hands leadership over and exits
+-- containers keep running (static stability: a daemon restart does not restart replicas).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import socket
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import attrs
+import httpx
+import trio
+
+from p2porch.common import codec
+from p2porch.common.errors import CodecError
+from p2porch.consensus.errors import ConsensusError, NotLeader
+from p2porch.consensus.messages import Membership, Role
+from p2porch.consensus.service import RaftService, ServiceConfig
+from p2porch.consensus.storage import Storage
+from p2porch.consensus.transport import TcpTransport
+from p2porch.gossip.config import GossipConfig
+from p2porch.gossip.keyring import Keyring, generate_key, load_keyring, save_keyring
+from p2porch.gossip.messages import EventKind, MemberState
+from p2porch.gossip.service import GossipService
+from p2porch.node.errors import NodeError
+from p2porch.node.scheduler import NodeStatus, schedule
+from p2porch.node.state import (
+    ClusterState,
+    Command,
+    CommandResult,
+    NodeRecord,
+    PutNode,
+    RemoveNode,
+    ReplicaFact,
+    ReportReplica,
+    decode_command,
+    encode_command,
+)
+
+log = logging.getLogger("p2porch.agent")
+
+API_PORT = 7950
+RAFT_PORT = 7951
+GOSSIP_PORT = 7946
+MAX_VOTERS = 5
+# A learner this close to the leader's log is caught up enough to vote.
+CATCH_UP_ENTRIES = 64
+
+
+class AgentError(NodeError):
+    """The agent cannot start or continue (bad data dir, refused join, lost storage)."""
+
+
+@attrs.frozen
+class AgentOptions:
+    """The daemon's flags, validated."""
+
+    data_dir: Path
+    advertise: str
+    join: str | None = None
+    token: str | None = None
+    name: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+    api_port: int = API_PORT
+    raft_port: int = RAFT_PORT
+    gossip_port: int = GOSSIP_PORT
+    preset: str = "lan"
+    runtime: bool = True
+    cpu_millicores: int | None = None
+    memory_bytes: int | None = None
+    # How long a voter may be dead before a healthy learner replaces it.
+    voter_grace_s: float = 30.0
+    # How long a node that left gracefully (SIGTERM: a restart, an upgrade) keeps its replicas
+    # placed before they move. Its containers keep running meanwhile, so moving them at once
+    # would only make duplicates.
+    left_grace_s: float = 60.0
+
+    def __attrs_post_init__(self) -> None:
+        if self.preset not in ("local", "lan", "wan"):
+            raise ValueError(f"preset must be local, lan or wan, not {self.preset!r}")
+        if self.join is not None and not self.token:
+            raise ValueError("--join needs --token (print it on any member: p2porch token)")
+        for port in (self.api_port, self.raft_port, self.gossip_port):
+            if not 0 < port < 65536:
+                raise ValueError(f"port {port} out of range")
+        if self.voter_grace_s <= 0:
+            raise ValueError("voter_grace_s must be > 0")
+        if self.left_grace_s < 0:
+            raise ValueError("left_grace_s must be >= 0")
+
+
+@attrs.frozen
+class Identity:
+    """Who this node is, written once at first start (``DIR/node.json``)."""
+
+    name: str
+    cluster: str
+    advertise: str
+    api_port: int
+    raft_port: int
+    gossip_port: int
+
+    @property
+    def api_address(self) -> str:
+        return f"{self.advertise}:{self.api_port}"
+
+    @property
+    def raft_address(self) -> str:
+        return f"{self.advertise}:{self.raft_port}"
+
+    @property
+    def gossip_address(self) -> str:
+        return f"{self.advertise}:{self.gossip_port}"
+
+
+@codec.register(280)
+@attrs.frozen
+class NodeMeta:
+    """What a node tells everyone by gossip: where its API and Raft listen."""
+
+    api_address: str
+    raft_address: str
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write atomically, readable by the owner only (tokens, keys)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _detect_capacity() -> tuple[int, int]:
+    cpus = os.cpu_count() or 1
+    memory = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                memory = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    return cpus * 1000, memory
+
+
+def outbound_http(advertise: str, timeout_s: float = 10.0) -> httpx.AsyncClient:
+    """An HTTP client whose connections originate from the node's advertise address."""
+    return httpx.AsyncClient(
+        timeout=timeout_s, transport=httpx.AsyncHTTPTransport(local_address=advertise)
+    )
+
+
+def make_token(cluster: str) -> str:
+    """``P2P-1-<cluster id>-<secret>``. (The CA fingerprint replaces the id with mutual TLS.)"""
+    return f"P2P-1-{cluster}-{secrets.token_hex(16)}"
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_matches(token: str, digest: str) -> bool:
+    return hmac.compare_digest(token_digest(token), digest)
+
+
+def default_name(advertise: str) -> str:
+    host = socket.gethostname().split(".")[0].lower() or "node"
+    return f"{host}-{advertise.replace('.', '-').replace(':', '-')}"[:63]
+
+
+class StateMachineAdapter:
+    """Adapts :class:`ClusterState` to the Raft shell's StateMachine protocol."""
+
+    def __init__(self, on_apply: Callable[[CommandResult], None]) -> None:
+        self.state = ClusterState()
+        self._on_apply = on_apply
+        self.bad_entries = 0
+
+    def apply(self, data: bytes) -> object:
+        try:
+            command = decode_command(data)
+        except CodecError as exc:
+            # A command this version cannot read: count it and refuse it; never crash a node.
+            self.bad_entries += 1
+            return CommandResult(error=f"undecodable command: {exc}")
+        result = self.state.apply(self.state.index + 1, command)
+        self._on_apply(result)
+        return result
+
+    def snapshot(self) -> bytes:
+        return self.state.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        # A bootstrap snapshot carries only Raft membership: no state yet.
+        self.state = ClusterState.restore(data) if data else ClusterState()
+        self._on_apply(CommandResult())
+
+
+# --------------------------------------------------------------------------- the agent
+
+
+class Agent:
+    """One node. ``await agent.run()`` serves until SIGTERM/SIGINT or :meth:`shutdown`."""
+
+    def __init__(self, options: AgentOptions) -> None:
+        self.options = options
+        self.data_dir = options.data_dir
+        self.identity: Identity | None = None
+        self.raft: RaftService | None = None
+        self.gossip: GossipService | None = None
+        self.machine = StateMachineAdapter(self._applied)
+        self.reconciler: Any = None
+        self.started = trio.Event()
+        self._state_changed = trio.Event()
+        self._members_changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._dead_since: dict[str, float] = {}
+        self._gossip_started_at = 0.0
+        self._token_digest: str | None = None
+        self.events = EventLog()
+        self._rng = random.Random()
+        self.http: httpx.AsyncClient | None = None
+
+    # ---- state access
+
+    @property
+    def state(self) -> ClusterState:
+        return self.machine.state
+
+    @property
+    def name(self) -> str:
+        assert self.identity is not None
+        return self.identity.name
+
+    def _applied(self, result: CommandResult) -> None:
+        for change in result.changes:
+            self.events.add(self.state.index, change.kind, change.key, change.value)
+            if change.kind == "node" and isinstance(change.value, NodeRecord) and self.raft:
+                self.raft.set_peer_address(change.value.name, change.value.raft_address)
+        self._state_changed.set()
+        self._state_changed = trio.Event()
+
+    # ---- start-up
+
+    def _paths(self) -> dict[str, Path]:
+        d = self.data_dir
+        return {
+            "identity": d / "node.json",
+            "peers": d / "peers.json",
+            "token": d / "join-token",
+            "client": d / "client.yaml",
+            "keys": d / "gossip.keys",
+            "raft": d / "raft",
+        }
+
+    def _load_or_create_identity(self, cluster: str | None) -> tuple[Identity, bool]:
+        paths = self._paths()
+        if paths["identity"].exists():
+            try:
+                raw = json.loads(paths["identity"].read_text())
+                identity = Identity(**raw)
+            except (OSError, ValueError, TypeError) as exc:
+                raise AgentError(f"{paths['identity']}: unreadable node identity: {exc}") from exc
+            if self.options.name and self.options.name != identity.name:
+                raise AgentError(
+                    f"{self.data_dir} belongs to node {identity.name!r}, not {self.options.name!r}"
+                )
+            if identity.advertise != self.options.advertise:
+                identity = attrs.evolve(identity, advertise=self.options.advertise)
+                _write_private(paths["identity"], json.dumps(attrs.asdict(identity)))
+            return identity, False
+        identity = Identity(
+            name=self.options.name or default_name(self.options.advertise),
+            cluster=cluster or secrets.token_hex(8),
+            advertise=self.options.advertise,
+            api_port=self.options.api_port,
+            raft_port=self.options.raft_port,
+            gossip_port=self.options.gossip_port,
+        )
+        return identity, True
+
+    def _save_identity(self, identity: Identity) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _write_private(self._paths()["identity"], json.dumps(attrs.asdict(identity)))
+
+    def _load_peers(self) -> dict[str, dict[str, str]]:
+        path = self._paths()["peers"]
+        if not path.exists():
+            return {}
+        try:
+            peers: dict[str, dict[str, str]] = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise AgentError(f"{path}: unreadable peer list: {exc}") from exc
+        return peers
+
+    def _save_peers(self) -> None:
+        peers = {
+            n.name: {"raft": n.raft_address, "gossip": n.gossip_address, "api": n.api_address}
+            for n in self.state.nodes.values()
+            if not n.removed
+        }
+        path = self._paths()["peers"]
+        text = json.dumps(peers, sort_keys=True)
+        if path.exists() and path.read_text() == text:
+            return  # no write when nothing changed (SD cards)
+        _write_private(path, text)
+
+    def write_client_config(self) -> None:
+        assert self.identity is not None
+        text = (
+            "apiVersion: p2porch/v1\n"
+            "kind: ClientConfig\n"
+            f"server: {self.identity.api_address}\n"
+            f"cluster: {self.identity.cluster}\n"
+        )
+        path = self._paths()["client"]
+        if not path.exists() or path.read_text() != text:
+            _write_private(path, text)
+
+    def my_record(self) -> NodeRecord:
+        assert self.identity is not None
+        cpu, mem = _detect_capacity()
+        return NodeRecord(
+            name=self.identity.name,
+            address=self.identity.advertise,
+            api_address=self.identity.api_address,
+            raft_address=self.identity.raft_address,
+            gossip_address=self.identity.gossip_address,
+            labels=self.options.labels,
+            cpu_millicores=self.options.cpu_millicores or cpu,
+            memory_bytes=self.options.memory_bytes or mem,
+        )
+
+    async def _join_cluster(self, identity: Identity) -> dict[str, Any]:
+        """Ask a member to admit us; retry a few times (the leader may be changing)."""
+        peer = self.options.join or ""
+        if ":" not in peer:
+            peer = f"{peer}:{API_PORT}"
+        body = {"token": self.options.token, **_record_json(self.my_record())}
+        last = ""
+        async with outbound_http(self.options.advertise, timeout_s=15.0) as client:
+            for attempt in range(8):
+                try:
+                    resp = await client.post(f"http://{peer}/v1/join", json=body)
+                except httpx.HTTPError as exc:
+                    last = f"cannot reach {peer}: {exc}"
+                else:
+                    if resp.status_code == 200:
+                        answer: dict[str, Any] = resp.json()
+                        return answer
+                    try:
+                        err = resp.json()["error"]
+                        last = f"{err['code']}: {err['message']}"
+                    except (ValueError, KeyError, TypeError):
+                        last = f"HTTP {resp.status_code}"
+                    if resp.status_code in (400, 403, 409):
+                        break
+                await trio.sleep(min(0.5 * 2**attempt, 4.0))
+        raise AgentError(f"join through {peer} refused: {last}")
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        opts = self.options
+        paths = self._paths()
+        fresh_dir = not paths["identity"].exists()
+        joining = fresh_dir and opts.join is not None
+        join_answer: dict[str, Any] = {}
+        identity, new = self._load_or_create_identity(None)
+        self.identity = identity
+        if joining:
+            join_answer = await self._join_cluster(identity)
+            identity = attrs.evolve(identity, cluster=join_answer["cluster"])
+        self.identity = identity
+        if new:
+            self._save_identity(identity)
+        paths["raft"].mkdir(parents=True, exist_ok=True)
+
+        # Gossip key and join token.
+        if joining:
+            keyring = Keyring(base64.b64decode(join_answer["gossipKey"]))
+            save_keyring(keyring, paths["keys"])
+            _write_private(paths["token"], (opts.token or "") + "\n")
+            peers = {m["name"]: m for m in join_answer["members"]}
+        elif fresh_dir:
+            keyring = Keyring(generate_key())
+            save_keyring(keyring, paths["keys"])
+            token = make_token(identity.cluster)
+            _write_private(paths["token"], token + "\n")
+            peers = {}
+        else:
+            keyring = load_keyring(paths["keys"])
+            peers = {
+                name: {"raftAddress": p["raft"], "gossipAddress": p["gossip"]}
+                for name, p in self._load_peers().items()
+            }
+        self._token_digest = token_digest(paths["token"].read_text().strip())
+        self.write_client_config()
+
+        service_config = ServiceConfig.local() if opts.preset == "local" else ServiceConfig.lan()
+        gossip_config = GossipConfig.local() if opts.preset == "local" else GossipConfig.lan()
+        storage = Storage.open(paths["raft"])
+        bootstrap = (
+            Membership(voters=frozenset({identity.name})) if fresh_dir and not joining else None
+        )
+        self.raft = RaftService(
+            identity.name,
+            config=service_config,
+            storage=storage,
+            state_machine=self.machine,
+            transport=TcpTransport(local_address=identity.advertise),
+            listen=identity.raft_address,
+            peers={n: p["raftAddress"] for n, p in peers.items() if n != identity.name},
+            bootstrap=bootstrap,
+        )
+        for node in self.state.nodes.values():
+            self.raft.set_peer_address(node.name, node.raft_address)
+        meta = codec.encode(NodeMeta(identity.api_address, identity.raft_address))
+        seeds = [p["gossipAddress"] for n, p in peers.items() if n != identity.name]
+        self.gossip = GossipService(
+            gossip_config,
+            identity.name,
+            (identity.advertise, identity.gossip_port),
+            keyring,
+            meta,
+            seeds,
+            keyring_path=str(paths["keys"]),
+        )
+        from p2porch.node.api import Api
+
+        api = Api(self)
+        self.http = outbound_http(identity.advertise)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.raft.run)
+                await nursery.start(self.gossip.run)
+                self._gossip_started_at = trio.current_time()
+                await nursery.start(api.serve, identity.advertise, identity.api_port)
+                nursery.start_soon(self._gossip_events)
+                nursery.start_soon(self._leader_loop)
+                if opts.runtime:
+                    await self._start_reconciler(nursery)
+                # After the reconciler exists: its first desired set comes from here.
+                nursery.start_soon(self._follow_state)
+                nursery.start_soon(self._signals)
+                self.started.set()
+                task_status.started()
+                log.info("node %s serving on %s", identity.name, identity.api_address)
+        finally:
+            await self.http.aclose()
+            storage.close()
+
+    async def _start_reconciler(self, nursery: trio.Nursery) -> None:
+        from p2porch.node.reconciler import Reconciler
+        from p2porch.node.runtime import DockerRuntime
+
+        runtime = await DockerRuntime.connect(self.name, self.options.advertise)
+        self.reconciler = Reconciler(runtime, self.name, self.options.advertise)
+        await nursery.start(self.reconciler.run)
+        nursery.start_soon(self._report_facts)
+
+    async def _report_facts(self) -> None:
+        """Log terminal replica facts (cannot start, ...) so every node can show them."""
+        seen = 0
+        reported: set[ReplicaFact] = set()
+        while True:
+            seen = await self.reconciler.wait_statuses_changed(seen)
+            for fact in self.reconciler.terminal_facts():
+                if fact in reported:
+                    continue
+                try:
+                    await self.submit(ReportReplica(fact))
+                    reported.add(fact)
+                except (ConsensusError, AgentError, httpx.HTTPError) as exc:
+                    log.info("cannot report %s yet: %s", fact, exc)
+
+    async def submit(self, command: Command) -> CommandResult:
+        """Commit a command from any node: locally on the leader, else through its API."""
+        assert self.raft is not None and self.http is not None
+        if self.raft.is_leader:
+            return await self.propose(command)
+        leader = self.raft.leader_id
+        node = self.state.nodes.get(leader) if leader else None
+        if node is None:
+            raise AgentError("no leader known")
+        resp = await self.http.post(
+            f"http://{node.api_address}/v1/internal/propose",
+            content=encode_command(command),
+            headers={"content-type": "application/x-p2porch-command"},
+        )
+        if resp.status_code != 200:
+            raise AgentError(f"leader refused the command: HTTP {resp.status_code} {resp.text}")
+        return CommandResult(error=resp.json().get("error"))
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for _ in signals:
+                await self.shutdown()
+                return
+
+    async def shutdown(self) -> None:
+        """Graceful exit: hand leadership over, leave gossip, stop. Containers keep running."""
+        with trio.move_on_after(10):
+            if self.raft is not None and self.raft.is_leader:
+                target = self._transfer_target()
+                if target is not None:
+                    with contextlib.suppress(ConsensusError):
+                        await self.raft.transfer_leadership(target, timeout_s=3)
+            if self.gossip is not None:
+                await self.gossip.leave()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    def _transfer_target(self) -> str | None:
+        assert self.raft is not None
+        status = self.raft.status()
+        voters = sorted(v for v in status.membership.voters if v != self.name)
+        best = sorted(
+            voters,
+            key=lambda v: -(status.progress[v].match if v in status.progress else 0),
+        )
+        return best[0] if best else None
+
+    # ---- background tasks
+
+    async def _gossip_events(self) -> None:
+        assert self.gossip is not None
+        async for event in self.gossip.events():
+            kind = getattr(event, "kind", None)
+            if kind is not None:
+                member = event.member  # type: ignore[union-attr]
+                self._learn_address(member.name, member.meta)
+                self.events.add(
+                    self.state.index, "member", member.name, {"state": kind.name.lower()}
+                )
+                if kind in (EventKind.DEAD, EventKind.LEFT):
+                    self._dead_since.setdefault(member.name, trio.current_time())
+                elif kind in (EventKind.ALIVE, EventKind.JOINED):
+                    self._dead_since.pop(member.name, None)
+            self._members_changed.set()
+            self._members_changed = trio.Event()
+
+    def _learn_address(self, name: str, meta: bytes) -> None:
+        """Gossip metadata says where a member's Raft listens: a path that needs no log."""
+        if self.raft is None or name == self.name or not meta:
+            return
+        try:
+            node_meta: NodeMeta = codec.decode(meta, NodeMeta)
+        except CodecError:
+            return
+        self.raft.set_peer_address(name, node_meta.raft_address)
+
+    async def _follow_state(self) -> None:
+        """Hand this node's placements to the reconciler and remember peers, on every change."""
+        while True:
+            changed = self._state_changed
+            try:
+                self._save_peers()
+            except OSError as exc:
+                log.warning("cannot save peers.json: %s", exc)
+            if self.reconciler is not None:
+                placements = self.state.placements_for(self.name)
+                keys = {f"{p.namespace}/{p.app}" for p in placements}
+                apps = [self.state.apps[k] for k in sorted(keys) if k in self.state.apps]
+                self.reconciler.set_desired(placements, apps)
+            await changed.wait()
+
+    def live_view(self) -> dict[str, NodeStatus]:
+        """Gossip's view of every node, as the scheduler needs it."""
+        assert self.gossip is not None
+        view: dict[str, NodeStatus] = {}
+        now = trio.current_time()
+        grace = now - self._gossip_started_at < 10.0
+        members = {m.name: m for m in self.gossip.members()}
+        for name in self.state.nodes:
+            if name == self.name:
+                view[name] = NodeStatus.ALIVE
+                continue
+            member = members.get(name)
+            if member is None:
+                # Unknown to gossip: right after start-up that is ignorance, not death.
+                view[name] = NodeStatus.SUSPECT if grace else NodeStatus.DEAD
+            elif member.state is MemberState.LEFT:
+                since = self._dead_since.get(name, now)
+                left_recently = now - since < self.options.left_grace_s
+                view[name] = NodeStatus.SUSPECT if left_recently else NodeStatus.LEFT
+            else:
+                view[name] = {
+                    MemberState.ALIVE: NodeStatus.ALIVE,
+                    MemberState.SUSPECT: NodeStatus.SUSPECT,
+                    MemberState.DEAD: NodeStatus.DEAD,
+                }[member.state]
+        return view
+
+    def member_status(self, name: str) -> str:
+        """alive | suspect | dead | left, as gossip reports it (what people are shown)."""
+        if name == self.name:
+            return "alive"
+        node = self.state.nodes.get(name)
+        if node is not None and node.removed:
+            return "left"
+        assert self.gossip is not None
+        member = self.gossip.member(name)
+        if member is None:
+            return "suspect" if self.live_view().get(name) is NodeStatus.SUSPECT else "dead"
+        return member.state.name.lower()
+
+    async def propose(self, command: Command, timeout_s: float = 10.0) -> CommandResult:
+        assert self.raft is not None
+        result = await self.raft.propose(encode_command(command), timeout_s=timeout_s)
+        if not isinstance(result, CommandResult):
+            raise AgentError(f"unexpected apply result {result!r}")
+        return result
+
+    async def _leader_loop(self) -> None:
+        """On the leader: keep our record current, schedule, and manage Raft membership."""
+        assert self.raft is not None
+        while True:
+            state_changed, members_changed = self._state_changed, self._members_changed
+            if self.raft.is_leader:
+                try:
+                    await self._lead_once()
+                except (ConsensusError, NotLeader) as exc:
+                    log.info("leader duties interrupted: %s", exc)
+            with trio.move_on_after(1.0):
+                async with trio.open_nursery() as waiters:
+
+                    async def wait_and_cancel(event: trio.Event) -> None:
+                        await event.wait()
+                        waiters.cancel_scope.cancel()
+
+                    waiters.start_soon(wait_and_cancel, state_changed)
+                    waiters.start_soon(wait_and_cancel, members_changed)
+
+    async def _lead_once(self) -> None:
+        assert self.raft is not None
+        mine = self.state.nodes.get(self.name)
+        record = self.my_record()
+        if mine is None or attrs.evolve(mine, drained=False, removed=False) != record:
+            await self.propose(PutNode(record))
+        live = self.live_view()
+        decision = schedule(
+            self.state.sched_apps(), self.state.sched_nodes(live), self.state.slot_map()
+        )
+        command = self.state.decision_command(decision)
+        if command is not None:
+            await self.propose(command)
+        await self._manage_membership(live)
+
+    async def _manage_membership(self, live: dict[str, NodeStatus]) -> None:
+        """Promote caught-up learners up to 5 voters; replace voters dead past the grace."""
+        assert self.raft is not None
+        status = self.raft.status()
+        if status.role is not Role.LEADER:
+            return
+        membership = status.membership
+        now = trio.current_time()
+        for name in sorted(membership.members):
+            node = self.state.nodes.get(name)
+            if node is not None and node.removed and name != self.name:
+                await self.raft.remove(name, timeout_s=5)
+                return
+        learners = sorted(
+            name
+            for name in membership.learners
+            if live.get(name) is NodeStatus.ALIVE
+            and name in status.progress
+            and status.progress[name].recent_active
+            and status.progress[name].match > 0
+            and status.progress[name].match + CATCH_UP_ENTRIES >= status.last_index
+        )
+        dead_voters = sorted(
+            name
+            for name in membership.voters
+            if name != self.name
+            and live.get(name) in (NodeStatus.DEAD, NodeStatus.LEFT)
+            and now - self._dead_since.get(name, now) >= self.options.voter_grace_s
+        )
+        if dead_voters and learners:
+            await self.raft.remove(dead_voters[0], timeout_s=5)
+            return
+        if learners and len(membership.voters) < MAX_VOTERS:
+            await self.raft.promote(learners[0], timeout_s=5)
+
+    # ---- join (called by the API on the leader)
+
+    async def admit(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Admit a joining node: check the token, add it as a Raft learner, record it."""
+        assert self.raft is not None and self.identity is not None
+        token = body.get("token")
+        if (
+            not isinstance(token, str)
+            or self._token_digest is None
+            or not token_matches(token, self._token_digest)
+        ):
+            raise PermissionError("wrong join token")
+        record = _record_from_json(body)
+        existing = self.state.nodes.get(record.name)
+        if existing is not None and existing.removed:
+            raise FileExistsError(f"node {record.name!r} was removed; join with a new name")
+        if existing is not None and existing.address != record.address:
+            raise FileExistsError(
+                f"a node named {record.name!r} already exists at {existing.address}"
+            )
+        status = self.raft.status()
+        if record.name not in status.membership.members:
+            await self.raft.add_learner(record.name, record.raft_address, timeout_s=10)
+        result = await self.propose(PutNode(record))
+        if result.error:
+            raise FileExistsError(result.error)
+        assert self.gossip is not None
+        known = {n.name: n for n in self.state.nodes.values() if not n.removed}
+        # The leader itself first: its own record may not be committed yet on a young cluster.
+        known[self.name] = self.my_record()
+        members = [
+            {"name": n.name, "raftAddress": n.raft_address, "gossipAddress": n.gossip_address}
+            for n in known.values()
+        ]
+        return {
+            "cluster": self.identity.cluster,
+            "members": members,
+            "gossipKey": base64.b64encode(self.gossip.keyring.primary).decode(),
+        }
+
+
+def _record_json(node: NodeRecord) -> dict[str, Any]:
+    return {
+        "name": node.name,
+        "address": node.address,
+        "apiAddress": node.api_address,
+        "raftAddress": node.raft_address,
+        "gossipAddress": node.gossip_address,
+        "labels": dict(node.labels),
+        "cpuMillicores": node.cpu_millicores,
+        "memoryBytes": node.memory_bytes,
+    }
+
+
+def _record_from_json(body: dict[str, Any]) -> NodeRecord:
+    try:
+        labels = body.get("labels") or {}
+        return NodeRecord(
+            name=str(body["name"]),
+            address=str(body["address"]),
+            api_address=str(body["apiAddress"]),
+            raft_address=str(body["raftAddress"]),
+            gossip_address=str(body["gossipAddress"]),
+            labels=tuple(sorted((str(k), str(v)) for k, v in dict(labels).items())),
+            cpu_millicores=int(body.get("cpuMillicores") or 0),
+            memory_bytes=int(body.get("memoryBytes") or 0),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"join request: missing or bad field {exc}") from exc
+
+
+class EventLog:
+    """The recent change history and live subscribers, for ``GET /v1/events``."""
+
+    def __init__(self, keep: int = 1000) -> None:
+        self.keep = keep
+        self.history: list[dict[str, Any]] = []
+        self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
+
+    def add(self, index: int, kind: str, key: str, value: object) -> None:
+        from p2porch.node.api import to_json
+
+        event = {
+            "index": index,
+            "kind": kind,
+            "key": key,
+            "action": "delete" if value is None else "put",
+            "object": to_json(value),
+        }
+        if kind == "member" and isinstance(value, dict):
+            event["action"] = value.get("state", "put")
+        self.history.append(event)
+        if len(self.history) > self.keep:
+            del self.history[: len(self.history) - self.keep]
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # A subscriber that cannot keep up is cut off rather than slowing the node.
+                self._subscribers.remove(channel)
+                channel.close()
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[dict[str, Any]]:
+        send, receive = trio.open_memory_channel[dict[str, Any]](1000)
+        self._subscribers.append(send)
+        return receive
+
+
+def main_agent(options: AgentOptions) -> int:
+    """Run the daemon in the foreground until SIGTERM; the exit code for the CLI."""
+    logging.basicConfig(
+        level=os.environ.get("P2PORCH_LOG", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    agent = Agent(options)
+    try:
+        trio.run(agent.run)
+    except AgentError as exc:
+        print(f"p2porch agent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+__all__ = ["Agent", "AgentError", "AgentOptions", "RemoveNode", "main_agent"]
