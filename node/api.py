@@ -349,7 +349,7 @@ class Api:
     async def leave(self, request: Request) -> Response:
         agent = self.agent
         assert agent._nursery is not None
-        agent._nursery.start_soon(agent.shutdown)
+        agent._nursery.start_soon(agent.leave_cluster)
         return Response.json({"name": agent.name, "leaving": True})
 
     async def rebalance(self, request: Request) -> Response:

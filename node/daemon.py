@@ -542,6 +542,22 @@ class Agent:
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
 
+    async def leave_cluster(self, timeout_s: float = 60.0) -> None:
+        """``p2porch leave``: remove this node for good -- its replicas move elsewhere, its
+        containers go, Raft drops it (the leader does, after leadership moved) -- then exit.
+        """
+        with trio.move_on_after(timeout_s):
+            try:
+                await self.submit(RemoveNode(self.name))
+            except (ConsensusError, AgentError, httpx.HTTPError) as exc:
+                log.warning("leave: could not record the removal: %s", exc)
+            else:
+                while self.state.placements_for(self.name) or (
+                    self.reconciler is not None and self.reconciler.statuses()
+                ):
+                    await trio.sleep(0.2)
+        await self.shutdown()
+
     def _transfer_target(self) -> str | None:
         assert self.raft is not None
         status = self.raft.status()
@@ -590,7 +606,10 @@ class Agent:
             except OSError as exc:
                 log.warning("cannot save peers.json: %s", exc)
             if self.reconciler is not None:
-                placements = self.state.placements_for(self.name)
+                me = self.state.nodes.get(self.name)
+                # A node removed from the cluster runs nothing, whatever it last heard.
+                removed = me is not None and me.removed
+                placements = [] if removed else self.state.placements_for(self.name)
                 keys = {f"{p.namespace}/{p.app}" for p in placements}
                 apps = [self.state.apps[k] for k in sorted(keys) if k in self.state.apps]
                 self.reconciler.set_desired(placements, apps)
@@ -688,7 +707,14 @@ class Agent:
         now = trio.current_time()
         for name in sorted(membership.members):
             node = self.state.nodes.get(name)
-            if node is not None and node.removed and name != self.name:
+            # Drop a removed node from Raft only once its replicas have moved, so that (if it
+            # is still up) it hears that its slots were released before it stops hearing.
+            if (
+                node is not None
+                and node.removed
+                and name != self.name
+                and not self.state.placements_for(name)
+            ):
                 await self.raft.remove(name, timeout_s=5)
                 return
         learners = sorted(

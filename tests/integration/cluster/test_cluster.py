@@ -214,3 +214,35 @@ def test_crash_loop_is_backed_off_and_bad_image_reported(tmp_path: Path) -> None
             "an image error on the replica",
             n1,
         )
+
+
+def test_leave_moves_replicas_and_node_rm_removes_a_dead_node(tmp_path: Path) -> None:
+    with cluster(tmp_path, "la", first_host=60) as c:
+        n1, n2, n3, n4 = c.form(4)
+        wait_for(lambda: len(n1.get("/v1/status")["voters"]) == 4, 30, "4 voters", n1)
+        c.apply(n1, demo_app(replicas=4))
+        wait_for(lambda: all_running(c, 4), 90, "4 replicas running", n1)
+
+        # `p2porch leave` on n4 (through the CLI): its replica moves, its containers go,
+        # Raft drops it, the process exits.
+        n4.cli("leave")
+        assert n4.proc is not None
+        n4.proc.wait(90)
+        n4.proc = None
+        wait_for(lambda: all_running(c, 4, exclude=n4.name), 60, "replica moved off n4", n1)
+        assert not c.containers(n4.name)
+        wait_for(lambda: n4.name not in n1.get("/v1/status")["voters"], 30, "n4 out of Raft", n1)
+        statuses = {n["name"]: n["status"] for n in n1.get("/v1/nodes")}
+        assert statuses[n4.name] == "left"
+
+        # `p2porch node rm` for a node that died (2 of 3 voters remain: a majority): its
+        # replicas move and Raft drops it.
+        n3.kill()
+        n1.cli("node", "rm", n3.name)
+        wait_for(
+            lambda: all_running(c, 4, exclude=n3.name) and all_running(c, 4, exclude=n4.name),
+            60,
+            "replicas on n1 and n2 only",
+            n1,
+        )
+        wait_for(lambda: n3.name not in n1.get("/v1/status")["voters"], 30, "n3 out of Raft", n1)
