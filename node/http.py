@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,6 +22,8 @@ import h11
 import trio
 
 from p2porch.node.errors import NodeError
+
+log = logging.getLogger("p2porch.http")
 
 MAX_BODY_BYTES = 8 << 20
 HEADER_TIMEOUT_S = 10.0
@@ -124,6 +127,7 @@ class ServerCounters:
     bad_requests: int = 0
     timeouts: int = 0
     refused_connections: int = 0
+    internal_errors: int = 0
 
 
 class HttpServer:
@@ -167,6 +171,10 @@ class HttpServer:
             await self._serve_connection(stream, f"{peer[0]}:{peer[1]}")
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass
+        except Exception:
+            # E.g. a stream that failed half-way: the client sees a cut response, we log it.
+            self.counters.internal_errors += 1
+            log.exception("connection from %s failed", stream.socket.getpeername())
         finally:
             self._open -= 1
             with trio.move_on_after(1):
@@ -183,12 +191,11 @@ class HttpServer:
             with trio.move_on_after(deadline):
                 request = await self._read_request(conn, stream, peer)
             if request is None:
-                if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE) and conn.their_state not in (
-                    h11.IDLE,
-                    h11.DONE,
-                    h11.MUST_CLOSE,
-                    h11.CLOSED,
-                ):
+                # Bytes of an unfinished request are buffered (a head still trickling in) or the
+                # body is still expected: the client was too slow. Otherwise an idle keep-alive
+                # connection simply ends.
+                partial = bool(conn.trailing_data[0]) or conn.their_state is h11.SEND_BODY
+                if partial:
                     self.counters.timeouts += 1
                     await self._send_simple(conn, stream, 408, "request_timeout", "too slow")
                 return
@@ -202,6 +209,13 @@ class HttpServer:
                 response = await self.handler(request)
             except HttpError as exc:
                 response = Response.error(exc)
+            except Exception:
+                # A bug in one handler must cost one request, never the node.
+                self.counters.internal_errors += 1
+                log.exception("%s %s failed", request.method, request.path)
+                response = Response.error(
+                    HttpError(500, "internal", "internal error (logged on the node)")
+                )
             await self._send_response(conn, stream, response)
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
@@ -275,7 +289,8 @@ class HttpServer:
             headers.append(("content-length", str(len(response.body))))
         else:
             headers.append(("transfer-encoding", "chunked"))
-        if conn.our_state is not h11.SEND_RESPONSE:
+        # IDLE too: after a malformed request h11 still lets a server answer it (a 400).
+        if conn.our_state not in (h11.SEND_RESPONSE, h11.IDLE):
             return
         await self._write(
             stream, conn.send(h11.Response(status_code=response.status, headers=headers))

@@ -122,6 +122,11 @@ class Reconciler:
 
     # ------------------------------------------------------------------ the daemon's side
 
+    @property
+    def runtime(self) -> DockerRuntime:
+        """The engine this reconciler drives (the API uses it for logs and exec)."""
+        return self._runtime
+
     def set_desired(self, placements: Iterable[Placement], apps: Iterable[App]) -> None:
         """What this node must run now (placements of other nodes are ignored)."""
         by_key = {app.key: app for app in apps}
