@@ -246,3 +246,28 @@ def test_leave_moves_replicas_and_node_rm_removes_a_dead_node(tmp_path: Path) ->
             n1,
         )
         wait_for(lambda: n3.name not in n1.get("/v1/status")["voters"], 30, "n3 out of Raft", n1)
+
+
+def test_dead_voter_is_replaced_by_a_learner(tmp_path: Path) -> None:
+    """Six nodes: five vote, one learns. A voter dies -> after the grace the learner votes."""
+    with cluster(tmp_path, "va", first_host=70) as c:
+        nodes = c.form(6)
+        n1 = nodes[0]
+
+        def roles() -> tuple[list[str], list[str]]:
+            status = n1.get("/v1/status")
+            return status["voters"], status["learners"]
+
+        wait_for(lambda: len(roles()[0]) == 5 and len(roles()[1]) == 1, 60, "5 + 1", n1)
+        learner = roles()[1][0]
+        leader = c.leader()
+        victim = next(n for n in c.nodes if n.name not in (learner, leader.name))
+        victim.kill()
+        wait_for(
+            lambda: (v := roles()[0]) and len(v) == 5 and victim.name not in v and learner in v,
+            60,
+            "the learner to replace the dead voter",
+            n1,
+        )
+        # Still a working majority: a write commits.
+        c.apply(n1, demo_app("after", replicas=0))
