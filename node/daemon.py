@@ -681,6 +681,15 @@ class Agent:
 
                     waiters.start_soon(wait_and_cancel, state_changed)
                     waiters.start_soon(wait_and_cancel, members_changed)
+                    waiters.start_soon(self._wait_leadership_change, waiters.cancel_scope)
+
+    async def _wait_leadership_change(self, scope: trio.CancelScope) -> None:
+        """A new leader must schedule at once: its election commits no command of ours."""
+        assert self.raft is not None
+        raft = self.raft
+        was_leader = raft.is_leader
+        await raft.wait_for(lambda: raft.is_leader != was_leader, 2.0)
+        scope.cancel()
 
     async def _lead_once(self) -> None:
         assert self.raft is not None

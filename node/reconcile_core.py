@@ -67,7 +67,7 @@ class ReconcilerConfig:
     # After the engine failed to answer a listing, try again this soon.
     engine_retry_s: float = 2.0
     # Engine actions (create, start, stop, remove) in flight at once.
-    max_parallel_actions: int = 8
+    max_parallel_actions: int = 16  # matches the runtime's default thread_limit
     # Seconds between SIGTERM and SIGKILL when stopping; None: the app's stop_grace_s.
     stop_timeout_s: int | None = None
     # True: bind each port's ``published_port`` on the advertise address directly (only one
