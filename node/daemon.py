@@ -716,13 +716,17 @@ class Agent:
         now = trio.current_time()
         for name in sorted(membership.members):
             node = self.state.nodes.get(name)
-            # Drop a removed node from Raft only once its replicas have moved, so that (if it
-            # is still up) it hears that its slots were released before it stops hearing.
+            # Drop a removed node from Raft only once its replicas have moved and -- if it is
+            # still up -- it has replicated everything committed, so it hears that its slots
+            # were released before it stops hearing anything.
+            progress = status.progress.get(name)
+            caught_up = progress is not None and progress.match >= status.commit_index
             if (
                 node is not None
                 and node.removed
                 and name != self.name
                 and not self.state.placements_for(name)
+                and (caught_up or live.get(name) is not NodeStatus.ALIVE)
             ):
                 await self.raft.remove(name, timeout_s=5)
                 return
