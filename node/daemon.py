@@ -71,6 +71,8 @@ GOSSIP_PORT = 7946
 MAX_VOTERS = 5
 # A learner this close to the leader's log is caught up enough to vote.
 CATCH_UP_ENTRIES = 64
+# How long a removed (live) node must stay caught up before the leader drops it from Raft.
+CAUGHT_UP_HOLD_S = 1.0
 
 
 class AgentError(NodeError):
@@ -247,6 +249,7 @@ class Agent:
         self._members_changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._dead_since: dict[str, float] = {}
+        self._caught_up_since: dict[str, float] = {}
         self._gossip_started_at = 0.0
         self._token_digest: str | None = None
         self.events = EventLog()
@@ -552,9 +555,14 @@ class Agent:
             except (ConsensusError, AgentError, httpx.HTTPError) as exc:
                 log.warning("leave: could not record the removal: %s", exc)
             else:
-                while self.state.placements_for(self.name) or (
-                    self.reconciler is not None and self.reconciler.statuses()
-                ):
+                # Once our removal has applied here we run nothing (see _follow_state); where
+                # our replicas go next is the leader's business, not something to wait for.
+                def done() -> bool:
+                    me = self.state.nodes.get(self.name)
+                    idle = self.reconciler is None or not self.reconciler.statuses()
+                    return me is not None and me.removed and idle
+
+                while not done():
                     await trio.sleep(0.2)
         await self.shutdown()
 
@@ -720,7 +728,13 @@ class Agent:
             # still up -- it has replicated everything committed, so it hears that its slots
             # were released before it stops hearing anything.
             progress = status.progress.get(name)
-            caught_up = progress is not None and progress.match >= status.commit_index
+            if progress is not None and progress.match >= status.commit_index:
+                self._caught_up_since.setdefault(name, now)
+            else:
+                self._caught_up_since.pop(name, None)
+            # Matching the log is not knowing it committed: that news rides on the next
+            # heartbeats, so stay caught up for a while before the node is let go.
+            caught_up = now - self._caught_up_since.get(name, now) >= CAUGHT_UP_HOLD_S
             if (
                 node is not None
                 and node.removed
