@@ -222,7 +222,14 @@ class MemoryTransport:
         for stream in (client, remote):
             net._track(address, stream)
             net._track(self.local_address, stream)
-        nursery.start_soon(_guarded, handler, remote)
+        try:
+            nursery.start_soon(_guarded, handler, remote)
+        except RuntimeError as exc:
+            # The server is shutting down (its nursery no longer takes tasks): to a client
+            # that is a refused connection, as it would be over TCP.
+            _close_now(client)
+            _close_now(remote)
+            raise TransportError(f"connection refused: {address} is shutting down") from exc
         return client
 
     async def serve(
