@@ -67,7 +67,9 @@ class RaftConfig:
     @classmethod
     def lan(cls) -> RaftConfig:
         """A data-centre or office LAN: ~1 s election timeout."""
-        return cls(tick_interval_s=0.1, election_ticks=10, heartbeat_ticks=1)
+        # Heartbeats every 2 ticks (200 ms): 5-10 per election timeout is plenty, and each
+        # one costs every follower a wake-up -- idle CPU on a Raspberry Pi matters.
+        return cls(tick_interval_s=0.1, election_ticks=10, heartbeat_ticks=2)
 
     @classmethod
     def wan(cls) -> RaftConfig:

@@ -73,6 +73,8 @@ MAX_VOTERS = 5
 CATCH_UP_ENTRIES = 64
 # How long a removed (live) node must stay caught up before the leader drops it from Raft.
 CAUGHT_UP_HOLD_S = 1.0
+# Period of the leader's timed scheduling/membership pass (changes trigger it at once).
+LEADER_PASS_S = 2.0
 
 
 class AgentError(NodeError):
@@ -250,6 +252,7 @@ class Agent:
         self._nursery: trio.Nursery | None = None
         self._dead_since: dict[str, float] = {}
         self._caught_up_since: dict[str, float] = {}
+        self._capacity = _detect_capacity()
         self._gossip_started_at = 0.0
         self._token_digest: str | None = None
         self.events = EventLog()
@@ -354,7 +357,7 @@ class Agent:
 
     def my_record(self) -> NodeRecord:
         assert self.identity is not None
-        cpu, mem = _detect_capacity()
+        cpu, mem = self._capacity
         return NodeRecord(
             name=self.identity.name,
             address=self.identity.advertise,
@@ -680,7 +683,9 @@ class Agent:
                     await self._lead_once()
                 except (ConsensusError, NotLeader) as exc:
                     log.info("leader duties interrupted: %s", exc)
-            with trio.move_on_after(1.0):
+            # Changes wake this loop at once; the timed pass only catches time-based rules
+            # (grace periods expiring), so it need not run often -- idle CPU matters on a Pi.
+            with trio.move_on_after(LEADER_PASS_S):
                 async with trio.open_nursery() as waiters:
 
                     async def wait_and_cancel(event: trio.Event) -> None:
