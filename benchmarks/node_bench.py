@@ -52,7 +52,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.cluster.harness import Cluster, Node, demo_app, wait_for
+from tests.integration.cluster.harness import Cluster, demo_app, wait_for
 
 FAILOVER_FIRST_HOST = 160  # 127.0.0.160-164
 IDLE_FIRST_HOST = 165  # 127.0.0.165-167
@@ -74,54 +74,12 @@ def log(text: str = "") -> None:
 # --------------------------------------------------------------------------- cluster
 
 
-class BenchNode(Node):
-    """The harness's node, started with the cluster's timing preset.
-
-    The harness pins ``--preset local`` (fast tests); the product default is ``lan``, so this
-    only swaps the flags and leaves killing, logs, requests and teardown to the harness.
-    """
-
-    cluster: BenchCluster
-
-    def start(self, join: Node | None = None, token: str | None = None) -> None:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [
-            sys.executable,
-            "-m",
-            "p2porch.cli.main",
-            "agent",
-            "--data-dir",
-            str(self.data_dir),
-            "--advertise",
-            self.host,
-            "--name",
-            self.name,
-            "--preset",
-            self.cluster.preset,
-        ]
-        if join is not None:
-            cmd += ["--join", join.host, "--token", token or join.token()]
-        with (self.data_dir / "agent.log").open("ab") as out:
-            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        wait_for(self.healthy, 30, f"{self.name} to answer /healthz", self)
-
-
-class BenchCluster(Cluster):
-    def __init__(self, base: Path, prefix: str, first_host: int, preset: str) -> None:
-        super().__init__(base, prefix, first_host)
-        self.preset = preset
-
-    def add(self) -> Node:
-        node = BenchNode(self, len(self.nodes) + 1)
-        self.nodes.append(node)
-        return node
-
-
 @contextlib.contextmanager
-def bench_cluster(prefix: str, first_host: int, preset: str) -> Iterator[BenchCluster]:
+def bench_cluster(prefix: str, first_host: int, preset: str) -> Iterator[Cluster]:
     """A cluster in a fresh temp dir, torn down (processes, containers, dir) whatever happens."""
     base = Path(tempfile.mkdtemp(prefix=f"p2porch-nodebench-{prefix}-"))
-    c = BenchCluster(base, prefix, first_host, preset)
+    # The product's own graces (agent_args=()), only the timing preset chosen.
+    c = Cluster(base, prefix, first_host, preset=preset, agent_args=())
     try:
         yield c
     except BaseException:
@@ -132,7 +90,7 @@ def bench_cluster(prefix: str, first_host: int, preset: str) -> Iterator[BenchCl
         c.teardown()
 
 
-def form(c: BenchCluster, size: int) -> None:
+def form(c: Cluster, size: int) -> None:
     c.form(size)
     first = c.nodes[0]
     wait_for(lambda: settled(c, size), 90, f"{size} voters, all alive", first)
@@ -203,7 +161,7 @@ def spread_one_each(c: Cluster, app: str, size: int) -> bool:
     return all_running_off(rows, size, victim="") and len(nodes) == size
 
 
-def one_failover(c: BenchCluster, size: int, role: str, app: str) -> dict[str, float | None]:
+def one_failover(c: Cluster, size: int, role: str, app: str) -> dict[str, float | None]:
     """Kill a node of ``role``; times (s after SIGKILL) of each phase, seen on a survivor."""
     c.apply(c.nodes[0], light_app(app, size))
     wait_for(lambda: spread_one_each(c, app, size), 120, f"{app}: one replica per node")

@@ -51,11 +51,8 @@ class Node:
             "--name",
             self.name,
             "--preset",
-            "local",
-            "--voter-grace",
-            "5",
-            "--left-grace",
-            "30",
+            self.cluster.preset,
+            *self.cluster.agent_args,
         ]
         if join is not None:
             cmd += ["--join", join.host, "--token", token or join.token()]
@@ -120,11 +117,24 @@ class Node:
         return proc
 
 
+# Tests want fast detection and short graces; benchmarks pass the product's own settings.
+TEST_AGENT_ARGS = ("--voter-grace", "5", "--left-grace", "30")
+
+
 class Cluster:
-    def __init__(self, base: Path, prefix: str, first_host: int = 2) -> None:
+    def __init__(
+        self,
+        base: Path,
+        prefix: str,
+        first_host: int = 2,
+        preset: str = "local",
+        agent_args: tuple[str, ...] = TEST_AGENT_ARGS,
+    ) -> None:
         self.base = base
         self.prefix = prefix
         self.first_host = first_host
+        self.preset = preset
+        self.agent_args = agent_args
         self.nodes: list[Node] = []
         self._rules: list[list[str]] = []
 

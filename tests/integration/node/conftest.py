@@ -8,55 +8,23 @@ and removed too. Traffic goes only to published ports on 127.0.0.2.
 
 from __future__ import annotations
 
-import contextlib
-import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import docker
 import pytest
 
-from p2porch.node import images
-from p2porch.node.runtime import LABEL_NODE, DockerRuntime, RuntimeConfig
+from p2porch.node.runtime import DockerRuntime, RuntimeConfig
+from tests.integration.dockerkit import TEST_LABEL, free_port, remove_test_objects
+
+__all__ = ["ADDRESS", "TEST_LABEL", "free_port"]
 
 ADDRESS = "127.0.0.2"
-TEST_LABEL = "io.p2porch-test.run"
-
-
-def free_port(address: str = ADDRESS) -> int:
-    """A port nothing listens on right now (tiny race with other processes, acceptable)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> Iterator[Any]:
-    client = docker.from_env(timeout=120)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="session")
-def built_images(docker_client: Any) -> dict[str, str]:
-    """Build (or find up to date) p2porch/busybox and p2porch/demo once per session."""
-    return images.build_builtin_images(docker_client)
 
 
 @pytest.fixture
 def node_name() -> str:
     return f"it-{uuid.uuid4().hex[:10]}"
-
-
-def _cleanup(client: Any, node_name: str) -> None:
-    for label in (f"{LABEL_NODE}={node_name}", f"{TEST_LABEL}={node_name}"):
-        for container in client.containers.list(all=True, filters={"label": label}):
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                container.remove(force=True)
-        for volume in client.volumes.list(filters={"label": label}):
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                volume.remove(force=True)
 
 
 @pytest.fixture
@@ -68,4 +36,4 @@ async def runtime(
         yield rt
     finally:
         await rt.aclose()
-        _cleanup(docker_client, node_name)
+        remove_test_objects(docker_client, node_name)

@@ -6,8 +6,6 @@ that only bounds a hung engine; nothing asserts on how long anything took.
 
 from __future__ import annotations
 
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from p2porch.node.runtime import (
     RuntimeConfig,
 )
 from p2porch.node.spec import App, BindMount, VolumeMount
+from tests.integration.dockerkit import fetch
 
 from .conftest import ADDRESS, TEST_LABEL, free_port
 
@@ -65,24 +64,6 @@ def busybox(replica: str, script: str, **kwargs: Any) -> ContainerRequest:
     )
 
 
-async def fetch(url: str) -> str:
-    """GET ``url`` (loopback only), retrying while the server comes up."""
-
-    def get() -> str | None:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return str(response.read().decode())
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return None
-
-    with trio.fail_after(30):
-        while True:
-            body = await trio.to_thread.run_sync(get)
-            if body is not None:
-                return body
-            await trio.sleep(0.1)
-
-
 async def next_event(
     events: EventStream, container_id: str, kinds: set[EventKind]
 ) -> ContainerEvent:
@@ -97,7 +78,7 @@ async def test_demo_replica_serves_page_with_limits_and_labels(
     runtime: DockerRuntime, docker_client: Any
 ) -> None:
     (app,) = [m for m in load_manifest_file(REPO / "examples" / "demo.yaml") if isinstance(m, App)]
-    port = free_port()
+    port = free_port(ADDRESS)
     base = ContainerRequest.for_replica(app.with_generation(7), "hello-1")
     # The manifest's published port may be taken on a shared machine: pick a free one.
     request = attrs.evolve(
@@ -240,7 +221,7 @@ async def test_ensure_image_without_registry(runtime: DockerRuntime) -> None:
     assert image_id.startswith("sha256:") and updates == []
     assert await runtime.has_image(BUSYBOX)
     # A registry on loopback where nothing listens: the pull fails with a clear error.
-    missing = f"{ADDRESS}:{free_port()}/p2porch/absent:v1"
+    missing = f"{ADDRESS}:{free_port(ADDRESS)}/p2porch/absent:v1"
     assert not await runtime.has_image(missing)
     with trio.fail_after(60), pytest.raises(ImageUnavailable) as caught:
         await runtime.ensure_image(missing, updates.append)
@@ -286,7 +267,7 @@ async def test_logs_exec_and_errors(runtime: DockerRuntime) -> None:
 
 
 async def test_failed_start_is_cleaned_up(runtime: DockerRuntime) -> None:
-    port = free_port()
+    port = free_port(ADDRESS)
     first = await runtime.create_and_start(
         busybox("holder", "sleep 60", ports=(PortBinding(8080, port),))
     )

@@ -9,56 +9,26 @@ ports bind 127.0.0.4 only; all traffic stays on loopback.
 from __future__ import annotations
 
 import contextlib
-import socket
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import docker
 import pytest
 import trio
 
-from p2porch.node import images
 from p2porch.node.reconcile_core import ReconcilerConfig, ReplicaStatus
 from p2porch.node.reconciler import Reconciler
-from p2porch.node.runtime import LABEL_NODE, DockerRuntime, RuntimeConfig
+from p2porch.node.runtime import DockerRuntime, RuntimeConfig
+from tests.integration.dockerkit import TEST_LABEL, fetch, free_port, remove_test_objects
+
+__all__ = ["ADDRESS", "TEST_LABEL", "fetch", "free_port"]
 
 ADDRESS = "127.0.0.4"
-TEST_LABEL = "io.p2porch-test.run"
-
-
-def free_port(address: str = ADDRESS) -> int:
-    """A port nothing listens on right now (tiny race with other processes, acceptable)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((address, 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture(scope="session")
-def docker_client() -> Iterator[Any]:
-    client = docker.from_env(timeout=120)
-    yield client
-    client.close()
-
-
-@pytest.fixture(scope="session")
-def built_images(docker_client: Any) -> dict[str, str]:
-    """Build (or find up to date) p2porch/busybox and p2porch/demo once per session."""
-    return images.build_builtin_images(docker_client)
 
 
 @pytest.fixture
 def node_name() -> str:
     return f"rc-{uuid.uuid4().hex[:10]}"
-
-
-def cleanup(client: Any, node_name: str) -> None:
-    for label in (f"{LABEL_NODE}={node_name}", f"{TEST_LABEL}={node_name}"):
-        for container in client.containers.list(all=True, filters={"label": label}):
-            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-                container.remove(force=True)
 
 
 @pytest.fixture
@@ -70,7 +40,7 @@ async def runtime(
         yield rt
     finally:
         await rt.aclose()
-        cleanup(docker_client, node_name)
+        remove_test_objects(docker_client, node_name)
 
 
 @contextlib.asynccontextmanager
@@ -101,21 +71,3 @@ async def wait_statuses(
             if predicate(statuses):
                 return statuses
             version = await rec.wait_statuses_changed(version)
-
-
-async def fetch(url: str) -> str:
-    """GET ``url`` (loopback only), retrying while the server comes up."""
-
-    def get() -> str | None:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return str(response.read().decode())
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return None
-
-    with trio.fail_after(30):
-        while True:
-            body = await trio.to_thread.run_sync(get)
-            if body is not None:
-                return body
-            await trio.sleep(0.1)

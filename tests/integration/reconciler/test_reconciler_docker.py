@@ -149,7 +149,7 @@ async def test_crash_loop_backs_off_and_counts_restarts(
 async def test_missing_image_is_a_terminal_fact_with_a_clear_reason(
     runtime: DockerRuntime, node_name: str
 ) -> None:
-    ghost = f"{ADDRESS}:{free_port()}/p2porch/absent:v1"  # a registry nobody serves
+    ghost = f"{ADDRESS}:{free_port(ADDRESS)}/p2porch/absent:v1"  # a registry nobody serves
     app = App(ObjectMeta("ghost"), AppSpec(image=ghost)).with_generation(1)
     config = ReconcilerConfig(backoff_base_s=30, backoff_max_s=60, stop_timeout_s=1)
     async with running(runtime, config) as rec:
@@ -259,7 +259,7 @@ async def test_restarted_reconciler_adopts_then_replaces_on_new_generation(
 async def test_bound_published_port_and_shutdown_all(
     runtime: DockerRuntime, node_name: str
 ) -> None:
-    port = free_port()
+    port = free_port(ADDRESS)
     base = demo_app()
     app = App(
         base.meta,
