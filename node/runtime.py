@@ -592,8 +592,11 @@ class EventStream:
     missed. The iteration raises EngineUnavailable if the engine ends the stream.
     """
 
-    def __init__(self, stream: _ThreadStream) -> None:
+    def __init__(
+        self, stream: _ThreadStream, on_event: Callable[[str], None] | None = None
+    ) -> None:
         self._stream = stream
+        self._on_event = on_event
 
     async def __aenter__(self) -> EventStream:
         await self._stream.open()
@@ -620,6 +623,8 @@ class EventStream:
             if isinstance(raw, Mapping):
                 event = container_event(raw)
                 if event is not None:
+                    if self._on_event is not None:
+                        self._on_event(event.container_id)
                     return event
 
 
@@ -690,6 +695,12 @@ class DockerRuntime:
         self._stream_client = stream_client
         self._limiter = trio.CapacityLimiter(config.thread_limit)
         self._stream_limiter = trio.CapacityLimiter(config.stream_limit)
+        # container id -> (state the listing showed, inspection). The SDK-level list only
+        # summarises, and inspecting every container on every reconciler pass made a
+        # 50-replica rollout cost O(N^2) inspections. An entry is reused while the listing
+        # shows the same state and dropped on any engine event for that container or any
+        # operation of ours on it.
+        self._inspected: dict[str, tuple[ContainerState, ContainerInfo]] = {}
 
     @classmethod
     async def connect(
@@ -763,6 +774,7 @@ class DockerRuntime:
 
         The escape hatch for whole-engine jobs such as building images (node/images.py).
         """
+        self._inspected.clear()  # whatever fn does, listings must not trust old inspections
         return await self._run(what, lambda: fn(self._client))
 
     def _owned(self, container_id: str) -> dict[str, Any]:
@@ -802,16 +814,27 @@ class DockerRuntime:
                 all=True, filters={"label": [f"{LABEL_NODE}={self.node_name}"]}
             )
             out = []
+            listed = set()
             for summary in summaries:
-                try:
-                    inspected = api.inspect_container(summary["Id"])
-                except docker.errors.NotFound:
-                    continue  # removed between the list and the inspect
-                info = container_info(inspected)
+                container_id = str(summary["Id"])
+                listed.add(container_id)
+                state = ContainerState.parse(summary.get("State"))
+                cached = self._inspected.get(container_id)
+                if cached is not None and cached[0] is state:
+                    info = cached[1]
+                else:
+                    try:
+                        inspected = api.inspect_container(container_id)
+                    except docker.errors.NotFound:
+                        continue  # removed between the list and the inspect
+                    info = container_info(inspected)
+                    self._inspected[container_id] = (state, info)
                 # The engine filtered already; checking again costs nothing and keeps the
                 # ownership rule local to this module.
                 if dict(info.labels).get(LABEL_NODE) == self.node_name:
                     out.append(info)
+            for gone in set(self._inspected) - listed:
+                self._inspected.pop(gone, None)
             return out
 
         return await self._run("listing containers", list_them)
@@ -987,6 +1010,7 @@ class DockerRuntime:
             # so a long grace period is not mistaken for an engine that does not answer.
             self._client.api.stop(container_id, timeout=10 if grace is None else grace)
 
+        self.forget(container_id)
         await self._run(f"stopping container {container_id[:12]}", stop)
 
     async def remove(self, container_id: str, *, missing_ok: bool = False) -> None:
@@ -1000,6 +1024,7 @@ class DockerRuntime:
                 if not missing_ok:
                     raise
 
+        self.forget(container_id)
         await self._run(f"removing container {container_id[:12]}", remove)
 
     async def exec(self, container_id: str, cmd: list[str] | tuple[str, ...]) -> tuple[int, bytes]:
@@ -1054,7 +1079,13 @@ class DockerRuntime:
                 },
             )
 
-        return EventStream(_ThreadStream(open_stream, self._stream_limiter, "container events"))
+        return EventStream(
+            _ThreadStream(open_stream, self._stream_limiter, "container events"), self.forget
+        )
+
+    def forget(self, container_id: str) -> None:
+        """Drop what listings remember of a container (it changed, or may have)."""
+        self._inspected.pop(container_id, None)
 
     def logs(
         self, container_id: str, *, follow: bool = False, tail: int | None = None
