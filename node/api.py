@@ -670,8 +670,8 @@ class Api:
         async def chunks() -> AsyncIterator[bytes]:
             stream = runtime.logs(container, follow=follow, tail=tail)
             try:
-                async for chunk in stream:
-                    yield chunk
+                async for line in stream:  # lines arrive without their newline
+                    yield line + b"\n"
             finally:
                 await stream.aclose()
 

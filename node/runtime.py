@@ -35,7 +35,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import attrs
 import docker
@@ -585,20 +585,14 @@ class _ThreadStream:
         return self._closed.is_set()
 
 
-class EventStream:
-    """``async with runtime.events() as events: async for event in events: ...``
+class _EngineStream:
+    """An engine stream used as ``async with ... as s: async for item in s``: the thread
+    behind it is released on exit, whatever happens in the loop."""
 
-    The subscription is live when ``async with`` returns, so nothing created afterwards is
-    missed. The iteration raises EngineUnavailable if the engine ends the stream.
-    """
-
-    def __init__(
-        self, stream: _ThreadStream, on_event: Callable[[str], None] | None = None
-    ) -> None:
+    def __init__(self, stream: _ThreadStream) -> None:
         self._stream = stream
-        self._on_event = on_event
 
-    async def __aenter__(self) -> EventStream:
+    async def __aenter__(self) -> Self:
         await self._stream.open()
         return self
 
@@ -610,8 +604,22 @@ class EventStream:
     async def aclose(self) -> None:
         self._stream.close()
 
-    def __aiter__(self) -> EventStream:
+    def __aiter__(self) -> Self:
         return self
+
+
+class EventStream(_EngineStream):
+    """``async with runtime.events() as events: async for event in events: ...``
+
+    The subscription is live when ``async with`` returns, so nothing created afterwards is
+    missed. The iteration raises EngineUnavailable if the engine ends the stream.
+    """
+
+    def __init__(
+        self, stream: _ThreadStream, on_event: Callable[[str], None] | None = None
+    ) -> None:
+        super().__init__(stream)
+        self._on_event = on_event
 
     async def __anext__(self) -> ContainerEvent:
         while True:
@@ -628,7 +636,7 @@ class EventStream:
                     return event
 
 
-class LogStream:
+class LogStream(_EngineStream):
     """``async with runtime.logs(id, follow=True) as lines: async for line in lines``.
 
     Yields log lines as bytes without the trailing newline (stdout and stderr interleaved).
@@ -636,25 +644,10 @@ class LogStream:
     """
 
     def __init__(self, stream: _ThreadStream) -> None:
-        self._stream = stream
+        super().__init__(stream)
         self._buffer = b""
         self._lines: list[bytes] = []
         self._done = False
-
-    async def __aenter__(self) -> LogStream:
-        await self._stream.open()
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.aclose()
-
-    async def aclose(self) -> None:
-        self._stream.close()
-
-    def __aiter__(self) -> LogStream:
-        return self
 
     async def __anext__(self) -> bytes:
         while not self._lines:

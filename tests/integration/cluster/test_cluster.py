@@ -78,6 +78,18 @@ def test_form_grow_apply_spread_and_fail_over(tmp_path: Path) -> None:
         row = c.replicas(app="hello")[0]
         assert "hello from hello" in page_of(c, row)
 
+        # exec and logs through a node that does not run the replica: proxied to its owner.
+        other = next(n for n in c.nodes if n.name != row["node"])
+        resp = other.request(
+            "POST",
+            f"/v1/replicas/default/{row['name']}/exec",
+            json={"command": ["sh", "-c", "echo $MESSAGE; exit 3"]},
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"exitCode": 3, "output": "hello from hello\n"}
+        logs = other.request("GET", f"/v1/replicas/default/{row['name']}/logs?tail=5")
+        assert logs.status_code == 200 and logs.text.endswith("\n"), logs.text
+
         # kill -9 a follower (and its containers, as a power cut): its replica moves.
         leader = c.leader()
         victim = next(n for n in c.nodes if n is not leader)
@@ -203,6 +215,9 @@ def test_crash_loop_is_backed_off_and_bad_image_reported(tmp_path: Path) -> None
         wait_for(backing_off, 60, "a crash-looping replica backing off", n1)
         row = c.replicas(app="crash")[0]
         assert row["exitCode"] == 3
+        # Every run's output is in the logs, one line each.
+        logs = n1.request("GET", "/v1/replicas/default/crash-0/logs").text
+        assert logs.count("boom\n") >= 2, logs
 
         # An image that is not there and cannot be pulled: a clear reason, no crash.
         # (A registry on a closed loopback port: no DNS, no traffic off the machine.)
