@@ -16,8 +16,10 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -134,10 +136,10 @@ def run_demo(base: Path | None = None, down: bool = False, purge: bool = False) 
         url = _replica_url(row, nodes[row["node"]]["address"])
         try:
             page = httpx.get(url, timeout=3).text if url else ""
-            first = next((ln.strip() for ln in page.splitlines() if "replica" in ln.lower()), "")
+            shown = _page_text(page)
         except httpx.HTTPError as exc:
-            first = f"(no answer: {exc})"
-        print(f"  {row['name']:<10} on {row['node']:<4} {url:<28} {first}")
+            shown = f"(no answer: {exc})"
+        print(f"  {row['name']:<10} on {row['node']:<4} {url:<28} {shown}")
     print(
         "\nNext:\n"
         f"  export P2PORCH_NODE={HOSTS[0]}\n"
@@ -148,6 +150,15 @@ def run_demo(base: Path | None = None, down: bool = False, purge: bool = False) 
         "  .venv/bin/p2porch demo --down          # stop it all"
     )
     return 0
+
+
+def _page_text(page: str) -> str:
+    """The demo page's message and replica as one line: 'Hello from p2porch (hello-0)'."""
+    message = re.search(r'id="message">([^<]*)<', page)
+    replica = re.search(r'id="replica">([^<]*)<', page)
+    if message is None or replica is None:
+        return page.strip()[:60]
+    return f"{html.unescape(message.group(1))} ({html.unescape(replica.group(1))})"
 
 
 def _replica_url(row: dict[str, Any], address: str) -> str:
