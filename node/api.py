@@ -21,7 +21,6 @@ import trio
 from p2porch import __version__
 from p2porch.common.errors import CodecError
 from p2porch.consensus.errors import ConsensusError, NotLeader
-from p2porch.consensus.messages import Role
 from p2porch.consensus.service import RequestTimeout
 from p2porch.node.errors import ManifestError, NodeError
 from p2porch.node.http import HttpError, HttpServer, Request, Response, Router
@@ -751,4 +750,4 @@ class Api:
         return Response(content_type="application/x-ndjson", stream=lines())
 
 
-__all__ = ["Api", "Role", "parse_documents", "to_json"]
+__all__ = ["Api", "parse_documents", "to_json"]

@@ -24,7 +24,6 @@ import hmac
 import json
 import logging
 import os
-import random
 import secrets
 import signal
 import socket
@@ -256,7 +255,6 @@ class Agent:
         self._gossip_started_at = 0.0
         self._token_digest: str | None = None
         self.events = EventLog()
-        self._rng = random.Random()
         self.http: httpx.AsyncClient | None = None
 
     # ---- state access
@@ -896,4 +894,4 @@ def main_agent(options: AgentOptions) -> int:
     return 0
 
 
-__all__ = ["Agent", "AgentError", "AgentOptions", "RemoveNode", "main_agent"]
+__all__ = ["Agent", "AgentError", "AgentOptions", "main_agent"]
