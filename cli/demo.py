@@ -176,14 +176,33 @@ def _replica_url(row: dict[str, Any], address: str) -> str:
     return ""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def _down(base: Path, purge: bool) -> int:
+    pids: list[int] = []
     for pid_file in sorted(base.glob("n*/agent.pid")):
         try:
-            os.kill(int(pid_file.read_text()), signal.SIGTERM)
-            print(f"stopped agent {pid_file.parent.name}")
+            pid = int(pid_file.read_text())
+            os.kill(pid, signal.SIGTERM)
+            pids.append(pid)
+            print(f"stopping agent {pid_file.parent.name}")
         except (ValueError, ProcessLookupError, OSError):
             pass
         pid_file.unlink(missing_ok=True)
+    # Wait for the agents to exit before removing containers: a stopping agent's reconciler
+    # would otherwise put back what it sees removed.
+    deadline = time.monotonic() + 30
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
     import docker
 
     client = docker.from_env(timeout=60)
