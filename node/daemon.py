@@ -47,6 +47,7 @@ from p2porch.gossip.config import GossipConfig
 from p2porch.gossip.keyring import Keyring, generate_key, load_keyring, save_keyring
 from p2porch.gossip.messages import EventKind, MemberState
 from p2porch.gossip.service import GossipService
+from p2porch.node.api import Api, to_json
 from p2porch.node.errors import NodeError
 from p2porch.node.scheduler import NodeStatus, schedule
 from p2porch.node.state import (
@@ -252,6 +253,7 @@ class Agent:
         self._dead_since: dict[str, float] = {}
         self._caught_up_since: dict[str, float] = {}
         self._capacity = _detect_capacity()
+        self._peers_text: str | None = None  # what peers.json holds, once known
         self._gossip_started_at = 0.0
         self._token_digest: str | None = None
         self.events = EventLog()
@@ -289,7 +291,7 @@ class Agent:
             "raft": d / "raft",
         }
 
-    def _load_or_create_identity(self, cluster: str | None) -> tuple[Identity, bool]:
+    def _load_or_create_identity(self) -> tuple[Identity, bool]:
         paths = self._paths()
         if paths["identity"].exists():
             try:
@@ -307,7 +309,7 @@ class Agent:
             return identity, False
         identity = Identity(
             name=self.options.name or default_name(self.options.advertise),
-            cluster=cluster or secrets.token_hex(8),
+            cluster=secrets.token_hex(8),
             advertise=self.options.advertise,
             api_port=self.options.api_port,
             raft_port=self.options.raft_port,
@@ -335,11 +337,15 @@ class Agent:
             for n in self.state.nodes.values()
             if not n.removed
         }
-        path = self._paths()["peers"]
         text = json.dumps(peers, sort_keys=True)
-        if path.exists() and path.read_text() == text:
+        if text == self._peers_text:
             return  # no write when nothing changed (SD cards)
+        path = self._paths()["peers"]
+        if self._peers_text is None and path.exists() and path.read_text() == text:
+            self._peers_text = text  # a restart with the same peers: still no write
+            return
         _write_private(path, text)
+        self._peers_text = text
 
     def write_client_config(self) -> None:
         assert self.identity is not None
@@ -400,7 +406,7 @@ class Agent:
         fresh_dir = not paths["identity"].exists()
         joining = fresh_dir and opts.join is not None
         join_answer: dict[str, Any] = {}
-        identity, new = self._load_or_create_identity(None)
+        identity, new = self._load_or_create_identity()
         self.identity = identity
         if joining:
             join_answer = await self._join_cluster(identity)
@@ -460,8 +466,6 @@ class Agent:
             seeds,
             keyring_path=str(paths["keys"]),
         )
-        from p2porch.node.api import Api
-
         api = Api(self)
         self.http = outbound_http(identity.advertise)
         try:
@@ -849,8 +853,6 @@ class EventLog:
         self._subscribers: list[trio.MemorySendChannel[dict[str, Any]]] = []
 
     def add(self, index: int, kind: str, key: str, value: object) -> None:
-        from p2porch.node.api import to_json
-
         event = {
             "index": index,
             "kind": kind,
