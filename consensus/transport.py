@@ -19,6 +19,14 @@ from typing import Protocol
 
 import trio
 
+from p2porch.common.tls import (
+    HANDSHAKE_TIMEOUT_S,
+    Authorizer,
+    TlsContexts,
+    TlsError,
+    client_handshake,
+    server_handshake,
+)
 from p2porch.consensus.errors import ConsensusError
 
 __all__ = [
@@ -28,6 +36,7 @@ __all__ = [
     "MemoryNetwork",
     "StreamHandler",
     "TcpTransport",
+    "TlsTransport",
     "Transport",
     "TransportError",
     "encode_frame",
@@ -160,6 +169,58 @@ class TcpTransport:
             await _guarded(handler, stream)
 
         await trio.serve_listeners(guarded, listeners)
+
+
+class TlsTransport:
+    """Mutual TLS 1.3 over another transport (normally :class:`TcpTransport`).
+
+    Both ends present a certificate from the cluster CA; ``authorize`` then judges the peer's
+    identity (the node layer: "a node of this cluster that was not removed"). A refused or
+    failed handshake on the serving side is counted in ``refused`` and the stream dropped.
+    ``handshake_timeout_s`` bounds how long a peer that says nothing can hold a task.
+    """
+
+    def __init__(
+        self,
+        inner: Transport,
+        contexts: TlsContexts,
+        authorize: Authorizer,
+        *,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
+    ) -> None:
+        self.inner = inner
+        self.contexts = contexts
+        self.authorize = authorize
+        self.handshake_timeout_s = handshake_timeout_s
+        self.refused = 0
+
+    async def connect(self, address: str) -> trio.abc.Stream:
+        stream = await self.inner.connect(address)
+        try:
+            return await client_handshake(
+                stream, self.contexts.client, address, self.authorize, self.handshake_timeout_s
+            )
+        except TlsError as exc:
+            raise TransportError(str(exc)) from exc
+
+    async def serve(
+        self,
+        address: str,
+        handler: StreamHandler,
+        *,
+        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async def secured(stream: trio.abc.Stream) -> None:
+            try:
+                tls, _peer = await server_handshake(
+                    stream, self.contexts.server, self.authorize, self.handshake_timeout_s
+                )
+            except TlsError:
+                self.refused += 1
+                return
+            await handler(tls)
+
+        await self.inner.serve(address, secured, task_status=task_status)
 
 
 class MemoryNetwork:

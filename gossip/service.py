@@ -704,7 +704,7 @@ class GossipService:
             with trio.move_on_after(self.limits.tcp_io_timeout_s):
                 try:
                     stream = await self._require_transport().connect(dst)
-                except (OSError, ValueError):
+                except (OSError, ValueError, TransportError):
                     return None
                 try:
                     await self._write_frame(stream, request)

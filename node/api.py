@@ -1,5 +1,10 @@
 """The node API (docs/api.md): HTTP + JSON on every node.
 
+Every connection is TLS 1.3 (node/http.py); who may call what is decided here from the
+client certificate (:func:`required_role`): nothing but the liveness probe, the CA bundle and
+the join call without one; viewers read; admins read and write; node-to-node endpoints
+(``/v1/internal/*``, ``/v1/local/*``) take node certificates only.
+
 Any node accepts every call. Writes go to the Raft leader: a follower forwards the request
 as-is to the leader's API and relays the answer, so clients never need to know who leads.
 Reads answer from the local applied state, or -- with ``?consistent=1`` -- from the leader
@@ -9,7 +14,9 @@ after a ReadIndex round. When no leader is known (quorum lost), writes fail at o
 
 from __future__ import annotations
 
+import base64
 import enum
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -19,6 +26,7 @@ import httpx
 import trio
 
 from p2porch import __version__
+from p2porch.common import pki
 from p2porch.common.errors import CodecError
 from p2porch.consensus.errors import ConsensusError, NotLeader
 from p2porch.consensus.service import RequestTimeout
@@ -32,6 +40,7 @@ from p2porch.node.state import (
     CommandResult,
     DeleteApp,
     DeleteNamespace,
+    DeleteSecret,
     PutApp,
     PutNamespace,
     RemoveNode,
@@ -44,6 +53,49 @@ if TYPE_CHECKING:
 
 PROXY_TIMEOUT_S = 10.0
 FANOUT_TIMEOUT_S = 2.0
+
+# Reachable without a client certificate: a liveness probe, and what a joiner needs before it
+# has one (the CA bundle it pins by fingerprint, then the join call carrying the secret).
+_OPEN = frozenset({("GET", "/healthz"), ("GET", "/v1/ca"), ("POST", "/v1/join")})
+# Reads that still need an admin: they hand out secrets.
+_ADMIN_READS = frozenset({"/v1/token"})
+
+
+def required_role(method: str, path: str) -> str | None:
+    """The weakest role allowed to call an endpoint: None (anyone), viewer, admin or node."""
+    if (method, path) in _OPEN:
+        return None
+    if path.startswith(("/v1/internal/", "/v1/local/")):
+        return pki.ROLE_NODE
+    if method in ("GET", "HEAD") and path not in _ADMIN_READS:
+        return pki.ROLE_VIEWER
+    return pki.ROLE_ADMIN
+
+
+def authorize(request: Request) -> None:
+    """Raise 401/403 unless the request's certificate may call its endpoint."""
+    needed = required_role(request.method, request.path)
+    if needed is None:
+        return
+    identity = request.identity
+    if identity is None:
+        raise HttpError(
+            401,
+            "unauthenticated",
+            "this endpoint needs a client certificate of the cluster (the client.yaml written "
+            "in a node's data dir, or one from: p2porch user create)",
+        )
+    if identity.role == pki.ROLE_NODE:
+        return  # nodes forward users' calls after checking them here, on the first node
+    if needed == pki.ROLE_NODE:
+        raise HttpError(403, "forbidden", f"{request.path} is for nodes only")
+    if needed == pki.ROLE_ADMIN and identity.role != pki.ROLE_ADMIN:
+        raise HttpError(
+            403,
+            "forbidden",
+            f"user {identity.name} has role {identity.role}: it may read, not "
+            f"{request.method} {request.path}",
+        )
 
 
 def _camel(name: str) -> str:
@@ -69,6 +121,11 @@ def to_json(value: object) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def _hint(key: bytes) -> str:
+    """A short public name for a gossip key (never the key): first 8 hex of its SHA-256."""
+    return hashlib.sha256(key).hexdigest()[:8]
 
 
 def _manifest_problems(exc: ManifestError) -> list[dict[str, Any]]:
@@ -103,7 +160,15 @@ class Api:
         r("POST", "/v1/leave", self.leave)
         r("POST", "/v1/rebalance", self.rebalance)
         r("GET", "/v1/token", self.token)
+        r("POST", "/v1/token/rotate", self.rotate_token)
         r("POST", "/v1/join", self.join)
+        r("GET", "/v1/ca", self.ca)
+        r("POST", "/v1/users", self.create_user)
+        r("POST", "/v1/keys/rotate", self.rotate_keys)
+        r("GET", "/v1/internal/keyring", self.internal_keyring)
+        r("GET", "/v1/secrets", self.secrets)
+        r("PUT", "/v1/secrets/{ns}/{name}", self.put_secret)
+        r("DELETE", "/v1/secrets/{ns}/{name}", self.delete_secret)
         r("GET", "/v1/namespaces", self.namespaces)
         r("PUT", "/v1/namespaces/{name}", self.put_namespace)
         r("DELETE", "/v1/namespaces/{name}", self.delete_namespace)
@@ -120,7 +185,12 @@ class Api:
         r("POST", "/v1/replicas/{ns}/{name}/exec", self.exec)
         r("GET", "/v1/events", self.events)
         r("POST", "/v1/internal/propose", self.internal_propose)
-        self.server = HttpServer(self.handle)
+        security = agent.security
+        self.server = HttpServer(
+            self.handle,
+            tls=None if security is None else security.contexts,
+            authorize=None if security is None else agent.api_authorizer(),
+        )
 
     async def serve(
         self, host: str, port: int, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
@@ -128,6 +198,7 @@ class Api:
         await self.server.serve(host, port, task_status=task_status)
 
     async def handle(self, request: Request) -> Response:
+        authorize(request)
         try:
             return await self.router(request)
         except HttpError:
@@ -158,7 +229,7 @@ class Api:
 
     async def _proxy(self, request: Request, address: str) -> Response:
         assert self.agent.http is not None
-        url = f"http://{address}{request.path}"
+        url = f"https://{address}{request.path}"
         try:
             resp = await self.agent.http.request(
                 request.method,
@@ -357,8 +428,117 @@ class Api:
         return Response.json({"moves": await self._commit_moves()})
 
     async def token(self, request: Request) -> Response:
-        path = self.agent.data_dir / "join-token"
-        return Response.json({"token": path.read_text().strip()})
+        token, expires_at = self.agent.current_token()
+        return Response.json({"token": token, "expiresAt": expires_at})
+
+    async def rotate_token(self, request: Request) -> Response:
+        body = request.json()
+        ttl = body.get("ttlSeconds") if isinstance(body, dict) else None
+        if ttl is not None and (
+            not isinstance(ttl, (int, float)) or isinstance(ttl, bool) or ttl <= 0
+        ):
+            raise HttpError(400, "invalid", "ttlSeconds: expected a positive number of seconds")
+        token, expires_at = await self.agent.rotate_token(ttl)
+        return Response.json({"token": token, "expiresAt": expires_at})
+
+    async def ca(self, request: Request) -> Response:
+        security = self.agent.security
+        assert security is not None
+        return Response.json(
+            {"ca": security.ca_bundle.decode(), "fingerprint": security.fingerprint}
+        )
+
+    async def create_user(self, request: Request) -> Response:
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "invalid", "expected a JSON object with name, role and csr")
+        name, role, csr = body.get("name"), body.get("role"), body.get("csr")
+        if not isinstance(name, str) or not isinstance(role, str) or not isinstance(csr, str):
+            raise HttpError(400, "invalid", "name, role and csr are required strings")
+        if role not in pki.USER_ROLES:
+            raise HttpError(
+                400, "invalid", f"role must be one of {', '.join(pki.USER_ROLES)}, not {role!r}"
+            )
+        try:
+            pki.check_name(name)
+            cert = self.agent.issue_user(name, role, csr.encode())
+        except NodeError as exc:
+            raise HttpError(400, "invalid", str(exc)) from None
+        except pki.PkiError as exc:
+            raise HttpError(400, "invalid", str(exc)) from None
+        security = self.agent.security
+        assert security is not None
+        return Response.json(
+            {"certificate": cert.decode(), "ca": security.ca_bundle.decode(), "role": role}
+        )
+
+    async def rotate_keys(self, request: Request) -> Response:
+        if (forwarded := await self._on_leader(request)) is not None:
+            return forwarded
+        return Response.json(await self.agent.rotate_gossip_key())
+
+    async def internal_keyring(self, request: Request) -> Response:
+        assert self.agent.gossip is not None
+        keyring = self.agent.gossip.keyring
+        return Response.json(
+            {
+                "primary": _hint(keyring.primary),
+                "keys": [_hint(k) for k in keyring.installed_keys()],
+                "version": self.agent.applied_gossip_keys_version,
+            }
+        )
+
+    async def secrets(self, request: Request) -> Response:
+        namespace = request.query.get("namespace")
+        rows = [
+            {
+                "namespace": s.namespace,
+                "name": s.name,
+                "keys": list(s.keys),
+                "version": s.version,
+                "usedBy": sorted(
+                    a.meta.name
+                    for a in self.state.apps.values()
+                    if a.meta.namespace == s.namespace and s.name in a.spec.secrets
+                ),
+            }
+            for _, s in sorted(self.state.secrets.items())
+            if namespace is None or s.namespace == namespace
+        ]
+        return Response.json(rows)
+
+    async def put_secret(self, request: Request) -> Response:
+        ns, name = request.params["ns"], request.params["name"]
+        body = request.json()
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, dict) or not data:
+            raise HttpError(400, "invalid", 'expected {"data": {"KEY": "<base64 value>", ...}}')
+        values: dict[str, bytes] = {}
+        for key, value in data.items():
+            if not isinstance(value, str):
+                raise HttpError(400, "invalid", f"data.{key}: expected a base64 string")
+            try:
+                values[str(key)] = base64.b64decode(value, validate=True)
+            except ValueError:
+                raise HttpError(400, "invalid", f"data.{key}: not valid base64") from None
+        try:
+            result = await self.agent.put_secret(ns, name, values)
+        except NodeError as exc:
+            raise HttpError(400, "invalid", str(exc)) from None
+        self._raise_result(result)
+        return Response.json({"namespace": ns, "name": name, "keys": sorted(values)})
+
+    async def delete_secret(self, request: Request) -> Response:
+        ns, name = request.params["ns"], request.params["name"]
+        result = await self.agent.submit(DeleteSecret(ns, name))
+        self._raise_result(result)
+        return Response.json({"deleted": f"{ns}/{name}"})
+
+    @staticmethod
+    def _raise_result(result: CommandResult) -> None:
+        if result.error:
+            status, code = (404, "not_found") if "not found" in result.error else (409, "conflict")
+            raise HttpError(status, code, result.error)
 
     async def join(self, request: Request) -> Response:
         body = request.json()
@@ -565,7 +745,7 @@ class Api:
             assert self.agent.http is not None
             try:
                 resp = await self.agent.http.get(
-                    f"http://{node.api_address}/v1/local/replicas", timeout=FANOUT_TIMEOUT_S
+                    f"https://{node.api_address}/v1/local/replicas", timeout=FANOUT_TIMEOUT_S
                 )
                 rows = resp.json() if resp.status_code == 200 else None
             except (httpx.HTTPError, ValueError):
@@ -682,7 +862,7 @@ class Api:
             raise HttpError(502, "proxy_failed", f"node {owner} unknown")
         assert self.agent.http is not None
         client = self.agent.http
-        url = f"http://{node.api_address}{request.path}"
+        url = f"https://{node.api_address}{request.path}"
         try:
             req = client.build_request(request.method, url, params=request.query, timeout=None)
             resp = await client.send(req, stream=True)

@@ -24,10 +24,13 @@ import hmac
 import json
 import logging
 import os
+import random
 import secrets
 import signal
 import socket
+import ssl
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,30 +38,46 @@ from typing import Any
 import attrs
 import httpx
 import trio
+from cryptography import x509
 
-from p2porch.common import codec
+from p2porch.common import codec, pki
 from p2porch.common.errors import CodecError
+from p2porch.common.tls import Authorizer, TlsMaterial
 from p2porch.consensus.errors import ConsensusError, NotLeader
 from p2porch.consensus.messages import Membership, Role
 from p2porch.consensus.service import RaftService, ServiceConfig
 from p2porch.consensus.storage import Storage
-from p2porch.consensus.transport import TcpTransport
+from p2porch.consensus.transport import TcpTransport, TlsTransport
 from p2porch.gossip.config import GossipConfig
 from p2porch.gossip.keyring import Keyring, generate_key, load_keyring, save_keyring
 from p2porch.gossip.messages import EventKind, MemberState
 from p2porch.gossip.service import GossipService
+from p2porch.gossip.tls_transport import TlsGossipTransport
 from p2porch.node.api import Api, to_json
 from p2porch.node.errors import NodeError
 from p2porch.node.scheduler import NodeStatus, schedule
+from p2porch.node.security import (
+    NodeSecurity,
+    SecurityError,
+    api_authorizer,
+    node_authorizer,
+    write_private,
+)
 from p2porch.node.state import (
     ClusterState,
     Command,
     CommandResult,
+    GossipKeys,
+    JoinTokenRecord,
     NodeRecord,
     PutNode,
+    PutSecret,
     RemoveNode,
     ReplicaFact,
     ReportReplica,
+    SecretRecord,
+    SetGossipKeys,
+    SetJoinToken,
     decode_command,
     encode_command,
 )
@@ -75,6 +94,8 @@ CATCH_UP_ENTRIES = 64
 CAUGHT_UP_HOLD_S = 1.0
 # Period of the leader's timed scheduling/membership pass (changes trigger it at once).
 LEADER_PASS_S = 2.0
+# How long an outbound HTTP client replaced on certificate renewal lives on for in-flight calls.
+PROXY_CLOSE_DELAY_S = 60.0
 
 
 class AgentError(NodeError):
@@ -157,13 +178,7 @@ class NodeMeta:
 
 def _write_private(path: Path, text: str) -> None:
     """Write atomically, readable by the owner only (tokens, keys)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_private(path, text.encode())
 
 
 def _detect_capacity() -> tuple[int, int]:
@@ -179,24 +194,34 @@ def _detect_capacity() -> tuple[int, int]:
     return cpus * 1000, memory
 
 
-def outbound_http(advertise: str, timeout_s: float = 10.0) -> httpx.AsyncClient:
-    """An HTTP client whose connections originate from the node's advertise address."""
+def outbound_http(
+    advertise: str, verify: ssl.SSLContext, timeout_s: float = 10.0
+) -> httpx.AsyncClient:
+    """An HTTPS client whose connections originate from the node's advertise address and
+    present ``verify``'s certificate (the node's, or none while joining)."""
     return httpx.AsyncClient(
-        timeout=timeout_s, transport=httpx.AsyncHTTPTransport(local_address=advertise)
+        timeout=timeout_s,
+        transport=httpx.AsyncHTTPTransport(local_address=advertise, verify=verify),
     )
 
 
-def make_token(cluster: str) -> str:
-    """``P2P-1-<cluster id>-<secret>``. (The CA fingerprint replaces the id with mutual TLS.)"""
-    return f"P2P-1-{cluster}-{secrets.token_hex(16)}"
+def _unverified_context() -> ssl.SSLContext:
+    """For the joiner's first call only: fetch the CA bundle, then pin it by fingerprint
+    (the token's) -- nothing secret is sent on this connection."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+# The AAD binding each sealed record to its place (node/security.py).
+TOKEN_AAD = "join-token"
+GOSSIP_KEY_AAD = "gossip-key"
 
 
-def token_matches(token: str, digest: str) -> bool:
-    return hmac.compare_digest(token_digest(token), digest)
+def secret_aad(namespace: str, name: str) -> str:
+    return f"secret/{namespace}/{name}"
 
 
 def default_name(advertise: str) -> str:
@@ -255,9 +280,13 @@ class Agent:
         self._capacity = _detect_capacity()
         self._peers_text: str | None = None  # what peers.json holds, once known
         self._gossip_started_at = 0.0
-        self._token_digest: str | None = None
         self.events = EventLog()
         self.http: httpx.AsyncClient | None = None
+        self.security: NodeSecurity | None = None
+        # Versions of the log's token / gossip keyring this node has made its own.
+        self._token_version = -1
+        self.applied_gossip_keys_version = 0
+        self._rng = random.Random()
 
     # ---- state access
 
@@ -348,16 +377,11 @@ class Agent:
         self._peers_text = text
 
     def write_client_config(self) -> None:
-        assert self.identity is not None
-        text = (
-            "apiVersion: p2porch/v1\n"
-            "kind: ClientConfig\n"
-            f"server: {self.identity.api_address}\n"
-            f"cluster: {self.identity.cluster}\n"
+        """``DIR/client.yaml`` with an admin certificate, for the CLI on this machine."""
+        assert self.identity is not None and self.security is not None
+        self.security.write_admin_client(
+            self.identity.api_address, self.identity.cluster, pki.utcnow()
         )
-        path = self._paths()["client"]
-        if not path.exists() or path.read_text() != text:
-            _write_private(path, text)
 
     def my_record(self) -> NodeRecord:
         assert self.identity is not None
@@ -371,34 +395,89 @@ class Agent:
             labels=self.options.labels,
             cpu_millicores=self.options.cpu_millicores or cpu,
             memory_bytes=self.options.memory_bytes or mem,
+            cert_key=self.security.node_key_id if self.security else "",
         )
 
-    async def _join_cluster(self, identity: Identity) -> dict[str, Any]:
-        """Ask a member to admit us; retry a few times (the leader may be changing)."""
+    def _addresses(self) -> tuple[str, ...]:
+        """What our certificate's SANs name: the advertise address (peers dial it) and this
+        machine's host name (people type it)."""
+        host = socket.gethostname().split(".")[0].lower()
+        return tuple(dict.fromkeys([self.options.advertise, *([host] if host else [])]))
+
+    async def _join_cluster(self, identity: Identity) -> tuple[dict[str, Any], NodeSecurity]:
+        """Ask a member to admit us (retrying: the leader may be changing).
+
+        1. Fetch the member's CA bundle and keep only the certificate whose fingerprint the
+           token pins -- a man in the middle with another CA is caught here, before anything
+           secret is sent.
+        2. Over TLS verified against that CA alone, send the join secret, our record and a
+           certificate request (our key never leaves this machine); the answer carries our
+           certificate and the cluster's keys.
+        """
+        try:
+            token = pki.JoinToken.parse(self.options.token or "")
+        except pki.PkiError as exc:
+            raise AgentError(str(exc)) from exc
         peer = self.options.join or ""
         if ":" not in peer:
             peer = f"{peer}:{API_PORT}"
-        body = {"token": self.options.token, **_record_json(self.my_record())}
+        node_key = pki.generate_key()
+        body = {
+            "secret": token.secret,
+            "csr": pki.make_request(node_key, identity.name).decode(),
+            **_record_json(self.my_record()),
+        }
         last = ""
-        async with outbound_http(self.options.advertise, timeout_s=15.0) as client:
-            for attempt in range(8):
-                try:
-                    resp = await client.post(f"http://{peer}/v1/join", json=body)
-                except httpx.HTTPError as exc:
-                    last = f"cannot reach {peer}: {exc}"
-                else:
-                    if resp.status_code == 200:
-                        answer: dict[str, Any] = resp.json()
-                        return answer
+        for attempt in range(8):
+            try:
+                pinned = await self._fetch_pinned_ca(peer, token.ca_fingerprint)
+                context = TlsMaterial(pki.cert_pem(pinned)).client_context(check_hostname=False)
+                async with outbound_http(self.options.advertise, context, 15.0) as client:
+                    resp = await client.post(f"https://{peer}/v1/join", json=body)
+            except httpx.HTTPError as exc:
+                last = f"cannot reach {peer}: {exc or type(exc).__name__}"
+            else:
+                if resp.status_code == 200:
+                    answer: dict[str, Any] = resp.json()
                     try:
-                        err = resp.json()["error"]
-                        last = f"{err['code']}: {err['message']}"
-                    except (ValueError, KeyError, TypeError):
-                        last = f"HTTP {resp.status_code}"
-                    if resp.status_code in (400, 403, 409):
-                        break
-                await trio.sleep(min(0.5 * 2**attempt, 4.0))
+                        security = NodeSecurity.from_join(
+                            self.data_dir,
+                            node_key=node_key,
+                            ca_bundle=pki.cert_pem(pinned),
+                            ca_key=str(answer["caKey"]).encode(),
+                            node_cert=str(answer["certificate"]).encode(),
+                            data_key=base64.b64decode(answer["dataKey"]),
+                        )
+                    except (KeyError, ValueError, TypeError) as exc:
+                        raise AgentError(f"join answer from {peer} is malformed: {exc}") from exc
+                    return answer, security
+                try:
+                    err = resp.json()["error"]
+                    last = f"{err['code']}: {err['message']}"
+                except (ValueError, KeyError, TypeError):
+                    last = f"HTTP {resp.status_code}"
+                if resp.status_code in (400, 401, 403, 409):
+                    break
+            await trio.sleep(min(0.5 * 2**attempt, 4.0))
         raise AgentError(f"join through {peer} refused: {last}")
+
+    async def _fetch_pinned_ca(self, peer: str, ca_fingerprint: str) -> x509.Certificate:
+        async with outbound_http(self.options.advertise, _unverified_context(), 15.0) as client:
+            resp = await client.get(f"https://{peer}/v1/ca")
+        try:
+            bundle = str(resp.json()["ca"]).encode()
+            certs = pki.load_certs(bundle)
+        except (ValueError, KeyError, TypeError, pki.PkiError) as exc:
+            raise AgentError(f"{peer} did not answer with a CA bundle: {exc}") from exc
+        for cert in certs:
+            if pki.fingerprint(cert) == ca_fingerprint:
+                return cert
+        seen = ", ".join(pki.fingerprint(c)[:16] for c in certs)
+        raise AgentError(
+            f"{peer} presents a CA ({seen}...) whose fingerprint is not the one in the join "
+            f"token ({ca_fingerprint[:16]}...): a different cluster, or a man in the middle. "
+            "Nothing was sent."
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         opts = self.options
@@ -409,32 +488,49 @@ class Agent:
         identity, new = self._load_or_create_identity()
         self.identity = identity
         if joining:
-            join_answer = await self._join_cluster(identity)
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            join_answer, self.security = await self._join_cluster(identity)
             identity = attrs.evolve(identity, cluster=join_answer["cluster"])
         self.identity = identity
         if new:
             self._save_identity(identity)
         paths["raft"].mkdir(parents=True, exist_ok=True)
 
-        # Gossip key and join token.
+        # Certificates, keys, the gossip keyring and the join token.
+        now = pki.utcnow()
         if joining:
-            keyring = Keyring(base64.b64decode(join_answer["gossipKey"]))
+            keys = [base64.b64decode(k) for k in join_answer["gossipKeys"]]
+            keyring = Keyring(keys[0], keys[1:])
             save_keyring(keyring, paths["keys"])
             _write_private(paths["token"], (opts.token or "") + "\n")
             peers = {m["name"]: m for m in join_answer["members"]}
         elif fresh_dir:
+            self.security = NodeSecurity.bootstrap(
+                self.data_dir, identity.cluster, identity.name, self._addresses(), now
+            )
             keyring = Keyring(generate_key())
             save_keyring(keyring, paths["keys"])
-            token = make_token(identity.cluster)
-            _write_private(paths["token"], token + "\n")
+            token = pki.JoinToken.new(self.security.fingerprint)
+            _write_private(paths["token"], f"{token}\n")
             peers = {}
         else:
+            if not NodeSecurity.exists(self.data_dir):
+                raise AgentError(
+                    f"{self.data_dir} has no certificates (made by a p2porch without mutual "
+                    "TLS?): start this node with a new data dir and join it again"
+                )
+            try:
+                self.security = NodeSecurity.load(self.data_dir)
+            except SecurityError as exc:
+                raise AgentError(str(exc)) from exc
             keyring = load_keyring(paths["keys"])
             peers = {
                 name: {"raftAddress": p["raft"], "gossipAddress": p["gossip"]}
                 for name, p in self._load_peers().items()
             }
-        self._token_digest = token_digest(paths["token"].read_text().strip())
+        security = self.security
+        assert security is not None
+        security.ensure_node_cert(identity.name, self._addresses(), now, self._rng)
         self.write_client_config()
 
         service_config = ServiceConfig.local() if opts.preset == "local" else ServiceConfig.lan()
@@ -443,12 +539,15 @@ class Agent:
         bootstrap = (
             Membership(voters=frozenset({identity.name})) if fresh_dir and not joining else None
         )
+        peer_check = node_authorizer(identity.cluster, self._lookup_node)
         self.raft = RaftService(
             identity.name,
             config=service_config,
             storage=storage,
             state_machine=self.machine,
-            transport=TcpTransport(local_address=identity.advertise),
+            transport=TlsTransport(
+                TcpTransport(local_address=identity.advertise), security.contexts, peer_check
+            ),
             listen=identity.raft_address,
             peers={n: p["raftAddress"] for n, p in peers.items() if n != identity.name},
             bootstrap=bootstrap,
@@ -465,9 +564,10 @@ class Agent:
             meta,
             seeds,
             keyring_path=str(paths["keys"]),
+            transport_factory=TlsGossipTransport.factory(security.contexts, peer_check),
         )
         api = Api(self)
-        self.http = outbound_http(identity.advertise)
+        self.http = outbound_http(identity.advertise, security.contexts.client)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -477,6 +577,7 @@ class Agent:
                 await nursery.start(api.serve, identity.advertise, identity.api_port)
                 nursery.start_soon(self._gossip_events)
                 nursery.start_soon(self._leader_loop)
+                nursery.start_soon(self._renew_certificate)
                 if opts.runtime:
                     await self._start_reconciler(nursery)
                 # After the reconciler exists: its first desired set comes from here.
@@ -523,7 +624,7 @@ class Agent:
         if node is None:
             raise AgentError("no leader known")
         resp = await self.http.post(
-            f"http://{node.api_address}/v1/internal/propose",
+            f"https://{node.api_address}/v1/internal/propose",
             content=encode_command(command),
             headers={"content-type": "application/x-p2porch-command"},
         )
@@ -616,8 +717,9 @@ class Agent:
             changed = self._state_changed
             try:
                 self._save_peers()
+                self._sync_security_state()
             except OSError as exc:
-                log.warning("cannot save peers.json: %s", exc)
+                log.warning("cannot save peers.json or keys: %s", exc)
             if self.reconciler is not None:
                 me = self.state.nodes.get(self.name)
                 # A node removed from the cluster runs nothing, whatever it last heard.
@@ -708,6 +810,7 @@ class Agent:
 
     async def _lead_once(self) -> None:
         assert self.raft is not None
+        await self._ensure_cluster_security()
         mine = self.state.nodes.get(self.name)
         record = self.my_record()
         if mine is None or attrs.evolve(mine, drained=False, removed=False) != record:
@@ -776,15 +879,27 @@ class Agent:
     # ---- join (called by the API on the leader)
 
     async def admit(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Admit a joining node: check the token, add it as a Raft learner, record it."""
+        """Admit a joining node (on the leader): check the secret against the log's token,
+        sign its certificate request, add it as a Raft learner, record it, and hand over the
+        cluster's keys -- all inside TLS the joiner verified against the pinned CA."""
         assert self.raft is not None and self.identity is not None
-        token = body.get("token")
-        if (
-            not isinstance(token, str)
-            or self._token_digest is None
-            or not token_matches(token, self._token_digest)
+        assert self.security is not None and self.gossip is not None
+        secret = body.get("secret")
+        current = self._token_secret()
+        if current is None:
+            raise PermissionError("this cluster has no join token yet; retry in a moment")
+        secret_now, expires_at = current
+        if not isinstance(secret, str) or not hmac.compare_digest(
+            pki.secret_digest(secret), pki.secret_digest(secret_now)
         ):
-            raise PermissionError("wrong join token")
+            raise PermissionError("wrong join token (it may have been rotated: p2porch token)")
+        if expires_at is not None and time.time() > expires_at:
+            raise PermissionError(
+                "the join token has expired: make a new one with p2porch token rotate"
+            )
+        csr = body.get("csr")
+        if not isinstance(csr, str):
+            raise ValueError("join request: csr (a PEM certificate request) is required")  # noqa: TRY004 - answered as 400
         record = _record_from_json(body)
         existing = self.state.nodes.get(record.name)
         if existing is not None and existing.removed:
@@ -793,13 +908,23 @@ class Agent:
             raise FileExistsError(
                 f"a node named {record.name!r} already exists at {existing.address}"
             )
+        try:
+            cert_pem = self.security.issue_node(csr.encode(), (record.address,), pki.utcnow())
+            identity = pki.identity_of(pki.load_cert(cert_pem))
+        except (SecurityError, pki.PkiError) as exc:
+            raise ValueError(f"join request: {exc}") from exc
+        if identity.name != record.name:
+            raise ValueError(
+                f"join request: the certificate request names {identity.name!r}, "
+                f"the record {record.name!r}"
+            )
+        record = attrs.evolve(record, cert_key=identity.key_id)
         status = self.raft.status()
         if record.name not in status.membership.members:
             await self.raft.add_learner(record.name, record.raft_address, timeout_s=10)
         result = await self.propose(PutNode(record))
         if result.error:
             raise FileExistsError(result.error)
-        assert self.gossip is not None
         known = {n.name: n for n in self.state.nodes.values() if not n.removed}
         # The leader itself first: its own record may not be committed yet on a young cluster.
         known[self.name] = self.my_record()
@@ -807,11 +932,258 @@ class Agent:
             {"name": n.name, "raftAddress": n.raft_address, "gossipAddress": n.gossip_address}
             for n in known.values()
         ]
+        keyring = self.gossip.keyring
         return {
             "cluster": self.identity.cluster,
             "members": members,
-            "gossipKey": base64.b64encode(self.gossip.keyring.primary).decode(),
+            "certificate": cert_pem.decode(),
+            "caKey": pki.key_pem(self.security.ca.key).decode(),
+            "dataKey": base64.b64encode(self.security.data_key).decode(),
+            "gossipKeys": [base64.b64encode(k).decode() for k in keyring.installed_keys()],
         }
+
+    # ---- security: who may connect, tokens, users, secrets, gossip keys
+
+    def _lookup_node(self, name: str) -> tuple[bool, str] | None:
+        node = self.state.nodes.get(name)
+        return None if node is None else (node.removed, node.cert_key)
+
+    def api_authorizer(self) -> Authorizer:
+        assert self.identity is not None
+        return api_authorizer(self.identity.cluster, self._lookup_node)
+
+    def _token_secret(self) -> tuple[str, float | None] | None:
+        """The join secret in force (from the log) and its expiry, or None before the first."""
+        assert self.security is not None
+        record = self.state.join_token
+        if record is None:
+            return None
+        try:
+            secret = self.security.unseal(record.sealed_secret, TOKEN_AAD).decode()
+        except SecurityError as exc:
+            log.warning("cannot open the join token of the log: %s", exc)
+            return None
+        return secret, record.expires_at
+
+    def current_token(self) -> tuple[str, float | None]:
+        """The full join token and its expiry (``p2porch token``)."""
+        assert self.security is not None
+        current = self._token_secret()
+        if current is None:
+            # A brand-new cluster before its first leader pass committed the token.
+            text = self._paths()["token"].read_text().strip()
+            return text, None
+        secret, expires_at = current
+        return str(pki.JoinToken(self.security.fingerprint, secret)), expires_at
+
+    async def rotate_token(self, ttl_s: float | None) -> tuple[str, float | None]:
+        """A new join secret for the whole cluster; every older token stops working."""
+        assert self.security is not None
+        token = pki.JoinToken.new(self.security.fingerprint)
+        expires_at = None if ttl_s is None else time.time() + ttl_s
+        record = JoinTokenRecord(self.security.seal(token.secret.encode(), TOKEN_AAD), expires_at)
+        result = await self.submit(SetJoinToken(record))
+        if result.error:
+            raise AgentError(result.error)
+        return str(token), expires_at
+
+    def issue_user(self, name: str, role: str, csr: bytes) -> bytes:
+        """Sign a user's certificate request; the name must be the request's CN."""
+        assert self.security is not None
+        cert = self.security.issue_user(csr, role, pki.utcnow())
+        if pki.identity_of(pki.load_cert(cert)).name != name:
+            raise SecurityError(f"the certificate request does not name user {name!r}")
+        return cert
+
+    async def put_secret(
+        self, namespace: str, name: str, values: dict[str, bytes]
+    ) -> CommandResult:
+        """Seal a secret here (its plaintext never reaches another node) and commit it."""
+        assert self.security is not None
+        from p2porch.node.spec import check_dns_label
+
+        check_dns_label(name, "secret name")
+        for key in values:
+            if not key or len(key) > 253 or not all(c.isalnum() or c in "-._" for c in key):
+                raise SecurityError(
+                    f"secret item name {key!r}: use letters, digits, '-', '.' or '_'"
+                )
+        plaintext = codec.encode(SecretValues(tuple(sorted(values.items()))))
+        record = SecretRecord(
+            namespace,
+            name,
+            tuple(sorted(values)),
+            self.security.seal(plaintext, secret_aad(namespace, name)),
+        )
+        return await self.submit(PutSecret(record))
+
+    def secret_values(self, namespace: str, app: str, name: str) -> dict[str, bytes]:
+        """The delivery path: a secret's values, only for an app placed on this node that
+        uses it. Nothing else on a node ever opens a secret."""
+        assert self.security is not None
+        app_record = self.state.apps.get(f"{namespace}/{app}")
+        if app_record is None or name not in app_record.spec.secrets:
+            raise SecurityError(f"app {namespace}/{app} does not use secret {name!r}")
+        if not any(
+            p.app == app and p.namespace == namespace for p in self.state.placements_for(self.name)
+        ):
+            raise SecurityError(f"no replica of {namespace}/{app} runs on {self.name}")
+        record = self.state.secrets.get(f"{namespace}/{name}")
+        if record is None:
+            raise SecurityError(f"secret {name!r} not found in namespace {namespace!r}")
+        opened = self.security.unseal(record.sealed, secret_aad(namespace, name))
+        try:
+            values: SecretValues = codec.decode(opened, SecretValues)
+        except CodecError as exc:
+            raise SecurityError(f"secret {namespace}/{name} is unreadable: {exc}") from exc
+        return dict(values.items)
+
+    def _sealed_keyring(self, keys: list[bytes]) -> GossipKeys:
+        assert self.security is not None
+        return GossipKeys(tuple(self.security.seal(k, GOSSIP_KEY_AAD) for k in keys))
+
+    async def rotate_gossip_key(self, timeout_s: float = 30.0) -> dict[str, Any]:
+        """On the leader: a new gossip key everywhere with no lost member (install on every
+        node, then make it primary, then drop the old ones), each step through the log and
+        confirmed by every live node before the next."""
+        assert self.gossip is not None
+        old = list(self.gossip.keyring.installed_keys())
+        new = generate_key()
+        steps = ([*old, new], [new, *old], [new])
+        for keys in steps:
+            result = await self.propose(SetGossipKeys(self._sealed_keyring(keys)))
+            if result.error:
+                raise AgentError(result.error)
+            await self._await_keyring(keys, timeout_s)
+        return {
+            "primary": hashlib.sha256(new).hexdigest()[:8],
+            "nodes": len(self._live_peers()) + 1,
+        }
+
+    def _live_peers(self) -> list[NodeRecord]:
+        live = self.live_view()
+        return [
+            n
+            for n in self.state.nodes.values()
+            if n.name != self.name and not n.removed and live.get(n.name) is NodeStatus.ALIVE
+        ]
+
+    async def _await_keyring(self, keys: list[bytes], timeout_s: float) -> None:
+        """Wait until every live node holds exactly ``keys`` with ``keys[0]`` primary.
+
+        A node that is down now catches up from the log when it returns (its Raft traffic is
+        TLS, not gossip), so only live ones are waited for.
+        """
+        assert self.http is not None
+        want = {
+            "primary": hashlib.sha256(keys[0]).hexdigest()[:8],
+            "keys": sorted(hashlib.sha256(k).hexdigest()[:8] for k in keys),
+        }
+        deadline = trio.current_time() + timeout_s
+        pending = {n.name: n for n in self._live_peers()}
+        while True:
+            mine = self.gossip.keyring if self.gossip else None
+            local_ok = (
+                mine is not None
+                and mine.primary == keys[0]
+                and set(mine.installed_keys()) == set(keys)
+            )
+            for name, node in list(pending.items()):
+                try:
+                    resp = await self.http.get(
+                        f"https://{node.api_address}/v1/internal/keyring", timeout=2.0
+                    )
+                    got = resp.json()
+                except (httpx.HTTPError, ValueError):
+                    continue
+                if (
+                    got.get("primary") == want["primary"]
+                    and sorted(got.get("keys", [])) == want["keys"]
+                ):
+                    del pending[name]
+            if local_ok and not pending:
+                return
+            if trio.current_time() > deadline:
+                raise AgentError(
+                    "gossip key rotation stalled: not confirmed by "
+                    + ", ".join(sorted(pending) or [self.name])
+                    + " (the log holds the step; they will apply it when they catch up)"
+                )
+            await trio.sleep(0.2)
+
+    def _sync_security_state(self) -> None:
+        """Make the log's join token and gossip keyring this node's own (files included)."""
+        assert self.security is not None
+        paths = self._paths()
+        record = self.state.join_token
+        if record is not None and record.version != self._token_version:
+            current = self.current_token()[0]
+            path = paths["token"]
+            if not path.exists() or path.read_text().strip() != current:
+                _write_private(path, current + "\n")
+            self._token_version = record.version
+        sealed = self.state.gossip_keys
+        if (
+            sealed is not None
+            and self.gossip is not None
+            and sealed.version != self.applied_gossip_keys_version
+        ):
+            try:
+                keys = [self.security.unseal(k, GOSSIP_KEY_AAD) for k in sealed.sealed_keys]
+            except SecurityError as exc:
+                log.warning("cannot open the gossip keyring of the log: %s", exc)
+                return
+            keyring = self.gossip.keyring
+            for key in keys:
+                if key not in keyring.installed_keys():
+                    keyring.install(key)
+            keyring.use(keys[0])
+            for key in keyring.installed_keys():
+                if key not in keys:
+                    keyring.remove(key)
+            save_keyring(keyring, paths["keys"])
+            self.applied_gossip_keys_version = sealed.version
+
+    async def _ensure_cluster_security(self) -> None:
+        """On the leader of a new cluster: put the join token and gossip keyring in the log."""
+        assert self.security is not None and self.gossip is not None
+        if self.state.join_token is None:
+            token = pki.JoinToken.parse(self._paths()["token"].read_text())
+            sealed = self.security.seal(token.secret.encode(), TOKEN_AAD)
+            await self.propose(SetJoinToken(JoinTokenRecord(sealed)))
+        if self.state.gossip_keys is None:
+            keyring = self.gossip.keyring
+            keys = list(keyring.installed_keys())
+            await self.propose(SetGossipKeys(self._sealed_keyring(keys)))
+
+    async def _renew_certificate(self) -> None:
+        """Renew our certificate (same key) at a random 50-80% of its life, as Swarm does."""
+        assert self.security is not None and self.identity is not None
+        while True:
+            due = pki.renew_at(self.security.node_cert, self._rng)
+            wait_s = (due - pki.utcnow()).total_seconds()
+            # Wake at least daily: the wall clock may jump (a Pi without an RTC boots in 1970).
+            await trio.sleep(min(max(wait_s, 1.0), 86400.0))
+            if self.security.ensure_node_cert(
+                self.identity.name, self._addresses(), pki.utcnow(), self._rng
+            ):
+                log.info("renewed the node certificate")
+                old, self.http = (
+                    self.http,
+                    outbound_http(self.identity.advertise, self.security.contexts.client),
+                )
+                if old is not None:
+                    # In-flight calls finish on the old client; close it later.
+                    await trio.sleep(PROXY_CLOSE_DELAY_S)
+                    await old.aclose()
+
+
+@codec.register(507)
+@attrs.frozen
+class SecretValues:
+    """A secret's items, as sealed inside a :class:`SecretRecord` (never stored in clear)."""
+
+    items: tuple[tuple[str, bytes], ...]
 
 
 def _record_json(node: NodeRecord) -> dict[str, Any]:

@@ -21,6 +21,8 @@ import attrs
 import h11
 import trio
 
+from p2porch.common.pki import PeerIdentity
+from p2porch.common.tls import Authorizer, TlsContexts, TlsError, server_handshake
 from p2porch.node.errors import NodeError
 
 log = logging.getLogger("p2porch.http")
@@ -60,6 +62,8 @@ class Request:
     body: bytes
     peer: str
     params: dict[str, str] = attrs.field(factory=dict)
+    # Who the client's TLS certificate says it is (None: no certificate, or plain HTTP).
+    identity: PeerIdentity | None = None
 
     def json(self) -> Any:
         if not self.body:
@@ -128,6 +132,7 @@ class ServerCounters:
     timeouts: int = 0
     refused_connections: int = 0
     internal_errors: int = 0
+    tls_refused: int = 0
 
 
 class HttpServer:
@@ -141,8 +146,16 @@ class HttpServer:
         header_timeout_s: float = HEADER_TIMEOUT_S,
         idle_timeout_s: float = IDLE_TIMEOUT_S,
         max_connections: int = MAX_CONNECTIONS,
+        tls: TlsContexts | None = None,
+        authorize: Authorizer | None = None,
     ) -> None:
+        """With ``tls``, every connection is TLS 1.3; a client certificate is optional at the
+        handshake (a joiner has none yet, liveness probes send none) and the handler decides
+        per endpoint from ``Request.identity``; ``authorize`` cuts off a refused certificate
+        (a removed node) before any request is read."""
         self.handler = handler
+        self.tls = tls
+        self.authorize = authorize
         self.max_body_bytes = max_body_bytes
         self.header_timeout_s = header_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -168,7 +181,22 @@ class HttpServer:
         self.counters.connections += 1
         try:
             peer = stream.socket.getpeername()
-            await self._serve_connection(stream, f"{peer[0]}:{peer[1]}")
+            identity = None
+            inner: trio.abc.Stream = stream
+            if self.tls is not None:
+                try:
+                    with trio.fail_after(self.header_timeout_s):
+                        inner, identity = await server_handshake(
+                            stream,
+                            self.tls.server_optional,
+                            self.authorize or (lambda _peer: None),
+                            timeout_s=self.header_timeout_s,
+                            https_compatible=True,
+                        )
+                except (TlsError, trio.TooSlowError):
+                    self.counters.tls_refused += 1
+                    return
+            await self._serve_connection(inner, f"{peer[0]}:{peer[1]}", identity)
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError):
             pass
         except Exception:
@@ -180,7 +208,9 @@ class HttpServer:
             with trio.move_on_after(1):
                 await stream.aclose()
 
-    async def _serve_connection(self, stream: trio.abc.Stream, peer: str) -> None:
+    async def _serve_connection(
+        self, stream: trio.abc.Stream, peer: str, identity: PeerIdentity | None = None
+    ) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
         first = True
         while True:
@@ -189,7 +219,7 @@ class HttpServer:
             deadline = self.header_timeout_s if first else self.idle_timeout_s
             request = None
             with trio.move_on_after(deadline):
-                request = await self._read_request(conn, stream, peer)
+                request = await self._read_request(conn, stream, peer, identity)
             if request is None:
                 # Bytes of an unfinished request are buffered (a head still trickling in) or the
                 # body is still expected: the client was too slow. Otherwise an idle keep-alive
@@ -225,7 +255,11 @@ class HttpServer:
                 return
 
     async def _read_request(
-        self, conn: h11.Connection, stream: trio.abc.Stream, peer: str
+        self,
+        conn: h11.Connection,
+        stream: trio.abc.Stream,
+        peer: str,
+        identity: PeerIdentity | None = None,
     ) -> Request | HttpError | None:
         head: h11.Request | None = None
         body = bytearray()
@@ -268,6 +302,7 @@ class HttpServer:
                     },
                     body=bytes(body),
                     peer=peer,
+                    identity=identity,
                 )
             elif isinstance(event, h11.ConnectionClosed):
                 return None

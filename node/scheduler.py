@@ -71,6 +71,9 @@ class SchedApp:
     # Host ports a replica publishes ("8080/tcp"): two replicas publishing one port cannot
     # share a node, since both would bind the node's advertise address on it.
     host_ports: frozenset[str] = frozenset()
+    # Why no replica of this app can be placed anywhere (e.g. a secret it uses is missing):
+    # its unplaced slots stay pending with this reason; placed ones are left alone.
+    blocked: str = ""
 
 
 @attrs.frozen(order=True)
@@ -211,6 +214,9 @@ def schedule(
         for ordinal in range(app.replicas):
             slot = SlotId(key, ordinal)
             if slot in kept:
+                continue
+            if app.blocked:
+                pending.append((slot, app.blocked))
                 continue
             node, reason = _pick(app, node_list, loads)
             if node is None:

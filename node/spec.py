@@ -416,6 +416,9 @@ class AppSpec:
         default=(), validator=_tuple_of((BindMount, VolumeMount), "volume")
     )
     stop_grace_s: int = attrs.field(default=10, validator=_int_in(0, MAX_STOP_GRACE_S))
+    # Names of secrets (in the app's namespace) its replicas use: only the nodes that run one
+    # of them are given the values (node/security.py); mounting arrives with workloads.
+    secrets: tuple[str, ...] = ()
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.image, str) or not _IMAGE_REF.match(self.image):
@@ -461,6 +464,14 @@ class AppSpec:
                     f"{mount.container_path} is mounted twice",
                 )
             mounted.add(mount.container_path)
+        _str_tuple("secrets", self.secrets)
+        for i, secret in enumerate(self.secrets):
+            try:
+                check_dns_label(secret, "secret name")
+            except SpecError as exc:
+                raise SpecError(("secrets", i), str(exc)) from None
+            if secret in self.secrets[:i]:
+                raise SpecError(("secrets", i), f"secret {secret} listed twice")
 
     @property
     def env_dict(self) -> dict[str, str]:

@@ -56,6 +56,9 @@ class NodeRecord:
     memory_bytes: int = 0
     drained: bool = False
     removed: bool = False
+    # SHA-256 of the public key of the node's certificate: a peer presenting a certificate
+    # with this node's name but another key is refused (renewals keep the key).
+    cert_key: str = ""
 
 
 @codec.register(251)
@@ -167,6 +170,68 @@ class ReportReplica:
     fact: ReplicaFact
 
 
+# ---- security records (tags 500-599). Sealed fields are AES-GCM under the cluster data key
+# (node/security.py): the log, the WAL and snapshots hold ciphertext only.
+
+
+@codec.register(500)
+@attrs.frozen
+class JoinTokenRecord:
+    """The current join secret (sealed) and when it stops working (unix seconds, or None)."""
+
+    sealed_secret: bytes
+    expires_at: float | None = None
+    version: int = 0
+
+
+@codec.register(501)
+@attrs.frozen
+class SetJoinToken:
+    """Replace the join token: every older token stops working once this applies."""
+
+    token: JoinTokenRecord
+
+
+@codec.register(502)
+@attrs.frozen
+class GossipKeys:
+    """The gossip keyring every node must hold: sealed keys, the first one is the primary."""
+
+    sealed_keys: tuple[bytes, ...]
+    version: int = 0
+
+
+@codec.register(503)
+@attrs.frozen
+class SetGossipKeys:
+    keys: GossipKeys
+
+
+@codec.register(504)
+@attrs.frozen
+class SecretRecord:
+    """A secret: its item names in clear (for ``secret ls``), its values sealed."""
+
+    namespace: str
+    name: str
+    keys: tuple[str, ...]
+    sealed: bytes
+    version: int = 0
+
+
+@codec.register(505)
+@attrs.frozen
+class PutSecret:
+    secret: SecretRecord
+
+
+@codec.register(506)
+@attrs.frozen
+class DeleteSecret:
+    namespace: str
+    name: str
+
+
 Command = (
     PutNamespace
     | DeleteNamespace
@@ -177,6 +242,10 @@ Command = (
     | SetNodeDrained
     | RemoveNode
     | ReportReplica
+    | SetJoinToken
+    | SetGossipKeys
+    | PutSecret
+    | DeleteSecret
 )
 
 
@@ -184,7 +253,8 @@ Command = (
 class Change:
     """One object that changed, for the watch stream: kind, key, and the new value (or None)."""
 
-    kind: str  # "namespace" | "app" | "placement" | "node" | "replica"
+    # "namespace" | "app" | "placement" | "node" | "replica" | "token" | "gossip-keys" | "secret"
+    kind: str
     key: str
     value: object | None
 
@@ -213,6 +283,9 @@ class StateSnapshot:
     pending: tuple[PendingSlot, ...]
     nodes: tuple[NodeRecord, ...]
     facts: tuple[ReplicaFact, ...]
+    join_token: JoinTokenRecord | None = None
+    gossip_keys: GossipKeys | None = None
+    secrets: tuple[SecretRecord, ...] = ()
 
 
 def _app_key(namespace: str, name: str) -> str:
@@ -230,6 +303,9 @@ class ClusterState:
         self.pending: dict[SlotId, PendingSlot] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.facts: dict[SlotId, ReplicaFact] = {}
+        self.join_token: JoinTokenRecord | None = None
+        self.gossip_keys: GossipKeys | None = None
+        self.secrets: dict[str, SecretRecord] = {}
 
     # ---- apply
 
@@ -373,6 +449,45 @@ class ClusterState:
         self.facts[slot] = fact
         return (Change("replica", str(slot), fact),)
 
+    def _apply_SetJoinToken(self, cmd: SetJoinToken) -> tuple[Change, ...]:
+        version = (self.join_token.version if self.join_token else 0) + 1
+        self.join_token = attrs.evolve(cmd.token, version=version)
+        return (Change("token", "join", None),)  # never the sealed value on the watch stream
+
+    def _apply_SetGossipKeys(self, cmd: SetGossipKeys) -> tuple[Change, ...]:
+        if not cmd.keys.sealed_keys:
+            raise StateError("the gossip keyring cannot be empty")
+        version = (self.gossip_keys.version if self.gossip_keys else 0) + 1
+        self.gossip_keys = attrs.evolve(cmd.keys, version=version)
+        return (Change("gossip-keys", "keyring", None),)
+
+    def _apply_PutSecret(self, cmd: PutSecret) -> tuple[Change, ...]:
+        secret = cmd.secret
+        if secret.namespace not in self.namespaces:
+            raise StateError(f"namespace {secret.namespace!r} not found")
+        key = _app_key(secret.namespace, secret.name)
+        old = self.secrets.get(key)
+        secret = attrs.evolve(secret, version=(old.version if old else 0) + 1)
+        self.secrets[key] = secret
+        return (Change("secret", key, None),)
+
+    def _apply_DeleteSecret(self, cmd: DeleteSecret) -> tuple[Change, ...]:
+        key = _app_key(cmd.namespace, cmd.name)
+        if key not in self.secrets:
+            raise StateError(f"secret {cmd.name!r} not found in namespace {cmd.namespace!r}")
+        users = sorted(
+            a.meta.name
+            for a in self.apps.values()
+            if a.meta.namespace == cmd.namespace and cmd.name in a.spec.secrets
+        )
+        if users:
+            raise StateError(
+                f"secret {cmd.name!r} is used by app(s) {', '.join(users)}; "
+                "remove it from them first"
+            )
+        del self.secrets[key]
+        return (Change("secret", key, None),)
+
     def _node(self, name: str) -> NodeRecord:
         node = self.nodes.get(name)
         if node is None:
@@ -394,9 +509,20 @@ class ClusterState:
                     for port in app.spec.ports
                     if port.published_port is not None
                 ),
+                blocked=self._missing_secrets(app),
             )
             for key, app in sorted(self.apps.items())
         ]
+
+    def _missing_secrets(self, app: App) -> str:
+        missing = [
+            name
+            for name in app.spec.secrets
+            if _app_key(app.meta.namespace, name) not in self.secrets
+        ]
+        if not missing:
+            return ""
+        return f"secret(s) {', '.join(missing)} not found in namespace {app.meta.namespace!r}"
 
     def sched_nodes(self, live: dict[str, NodeStatus]) -> list[SchedNode]:
         """Nodes as the scheduler sees them; ``live`` is gossip's status by node name."""
@@ -458,6 +584,9 @@ class ClusterState:
                 pending=tuple(v for _, v in sorted(self.pending.items())),
                 nodes=tuple(v for _, v in sorted(self.nodes.items())),
                 facts=tuple(v for _, v in sorted(self.facts.items())),
+                join_token=self.join_token,
+                gossip_keys=self.gossip_keys,
+                secrets=tuple(v for _, v in sorted(self.secrets.items())),
             )
         )
 
@@ -472,6 +601,9 @@ class ClusterState:
         state.pending = {SlotId(_app_key(p.namespace, p.app), p.slot): p for p in snap.pending}
         state.nodes = {n.name: n for n in snap.nodes}
         state.facts = {SlotId(_app_key(f.namespace, f.app), f.slot): f for f in snap.facts}
+        state.join_token = snap.join_token
+        state.gossip_keys = snap.gossip_keys
+        state.secrets = {_app_key(s.namespace, s.name): s for s in snap.secrets}
         return state
 
     def __eq__(self, other: object) -> bool:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -35,7 +36,21 @@ class Node:
 
     @property
     def api(self) -> str:
-        return f"http://{self.host}:{API_PORT}"
+        return f"https://{self.host}:{API_PORT}"
+
+    def config_dir(self) -> Path:
+        """A data dir holding an admin client.yaml: this node's, else any other node's (they
+        share the cluster CA, so one admin certificate works on every node)."""
+        for node in [self, *self.cluster.nodes]:
+            if (node.data_dir / "admin.pem").exists():
+                return node.data_dir
+        raise AssertionError("no node has written its admin credentials yet")
+
+    def ssl_context(self) -> ssl.SSLContext:
+        d = self.config_dir()
+        context = ssl.create_default_context(cafile=str(d / "ca.pem"))
+        context.load_cert_chain(str(d / "admin.pem"), str(d / "admin.key"))
+        return context
 
     def start(self, join: Node | None = None, token: str | None = None) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +80,8 @@ class Node:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log()}")
         try:
-            return httpx.get(f"{self.api}/healthz", timeout=1).status_code == 200
+            # /healthz needs no certificate (a bare liveness probe); TLS still runs.
+            return httpx.get(f"{self.api}/healthz", timeout=1, verify=False).status_code == 200
         except httpx.HTTPError:
             return False
 
@@ -79,12 +95,20 @@ class Node:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
     def get(self, path: str, **kw: Any) -> Any:
-        resp = httpx.get(f"{self.api}{path}", timeout=kw.pop("timeout", 10), **kw)
+        resp = httpx.get(
+            f"{self.api}{path}", timeout=kw.pop("timeout", 10), verify=self.ssl_context(), **kw
+        )
         resp.raise_for_status()
         return resp.json()
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        return httpx.request(method, f"{self.api}{path}", timeout=kw.pop("timeout", 20), **kw)
+        return httpx.request(
+            method,
+            f"{self.api}{path}",
+            timeout=kw.pop("timeout", 20),
+            verify=self.ssl_context(),
+            **kw,
+        )
 
     def kill(self) -> None:
         """A power cut: SIGKILL the agent and remove its containers."""
@@ -107,6 +131,7 @@ class Node:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "p2porch.cli.main", "--node", self.host, *args],
+            env={**os.environ, "P2PORCH_CONFIG": str(self.config_dir() / "client.yaml")},
             capture_output=True,
             text=True,
             timeout=60,
