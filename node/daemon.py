@@ -1257,6 +1257,8 @@ def main_agent(options: AgentOptions) -> int:
         level=os.environ.get("P2PORCH_LOG", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # httpx logs every request at INFO: node-to-node calls would drown what matters.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     agent = Agent(options)
     try:
         trio.run(agent.run)
