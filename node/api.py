@@ -163,6 +163,8 @@ class Api:
         r("POST", "/v1/token/rotate", self.rotate_token)
         r("POST", "/v1/join", self.join)
         r("GET", "/v1/ca", self.ca)
+        r("POST", "/v1/ca/rotate", self.rotate_ca)
+        r("GET", "/v1/internal/security", self.internal_security)
         r("POST", "/v1/users", self.create_user)
         r("POST", "/v1/keys/rotate", self.rotate_keys)
         r("GET", "/v1/internal/keyring", self.internal_keyring)
@@ -447,6 +449,23 @@ class Api:
         return Response.json(
             {"ca": security.ca_bundle.decode(), "fingerprint": security.fingerprint}
         )
+
+    async def rotate_ca(self, request: Request) -> Response:
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "invalid", "expected a JSON object")
+        if (forwarded := await self._on_leader(request)) is not None:
+            return forwarded
+        try:
+            result = await self.agent.rotate_ca(
+                finish_only=bool(body.get("finish")), force=bool(body.get("force"))
+            )
+        except NodeError as exc:
+            raise HttpError(409, "conflict", str(exc)) from None
+        return Response.json(result)
+
+    async def internal_security(self, request: Request) -> Response:
+        return Response.json(self.agent.security_report())
 
     async def create_user(self, request: Request) -> Response:
         body = request.json()

@@ -64,6 +64,7 @@ from p2porch.node.security import (
     write_private,
 )
 from p2porch.node.state import (
+    CaRecord,
     ClusterState,
     Command,
     CommandResult,
@@ -76,6 +77,7 @@ from p2porch.node.state import (
     ReplicaFact,
     ReportReplica,
     SecretRecord,
+    SetCa,
     SetGossipKeys,
     SetJoinToken,
     decode_command,
@@ -218,6 +220,7 @@ def _unverified_context() -> ssl.SSLContext:
 # The AAD binding each sealed record to its place (node/security.py).
 TOKEN_AAD = "join-token"
 GOSSIP_KEY_AAD = "gossip-key"
+CA_KEY_AAD = "ca-key"
 
 
 def secret_aad(namespace: str, name: str) -> str:
@@ -285,7 +288,9 @@ class Agent:
         self.security: NodeSecurity | None = None
         # Versions of the log's token / gossip keyring this node has made its own.
         self._token_version = -1
+        self._ca_version = 0
         self.applied_gossip_keys_version = 0
+        self._retired_http: list[httpx.AsyncClient] = []
         self._rng = random.Random()
 
     # ---- state access
@@ -1113,8 +1118,23 @@ class Agent:
 
     def _sync_security_state(self) -> None:
         """Make the log's join token and gossip keyring this node's own (files included)."""
-        assert self.security is not None
+        assert self.security is not None and self.identity is not None
         paths = self._paths()
+        ca = self.state.ca
+        if ca is not None and ca.version != self._ca_version:
+            try:
+                ca_key = self.security.unseal(ca.sealed_key, CA_KEY_AAD)
+                changed = self.security.adopt_ca(
+                    ca.bundle, ca_key, self.identity.name, self._addresses(), pki.utcnow()
+                )
+            except SecurityError as exc:
+                log.warning("cannot adopt the log's CA: %s", exc)
+            else:
+                self._ca_version = ca.version
+                if changed:
+                    log.info("CA bundle now trusts %s", self.security.trusted_fingerprints)
+                    self._token_version = -1  # the token names the signing CA: rewrite it
+                    self._replace_http()
         record = self.state.join_token
         if record is not None and record.version != self._token_version:
             current = self.current_token()[0]
@@ -1168,14 +1188,140 @@ class Agent:
                 self.identity.name, self._addresses(), pki.utcnow(), self._rng
             ):
                 log.info("renewed the node certificate")
-                old, self.http = (
-                    self.http,
-                    outbound_http(self.identity.advertise, self.security.contexts.client),
+                self._replace_http()
+
+    def _replace_http(self) -> None:
+        """A new outbound client with the current certificate; the old one finishes its
+        in-flight calls and is closed a while later."""
+        assert self.security is not None and self.identity is not None
+        old, self.http = (
+            self.http,
+            outbound_http(self.identity.advertise, self.security.contexts.client),
+        )
+        if old is not None and self._nursery is not None:
+            self._nursery.start_soon(self._close_later, old)
+
+    @staticmethod
+    async def _close_later(client: httpx.AsyncClient) -> None:
+        await trio.sleep(PROXY_CLOSE_DELAY_S)
+        await client.aclose()
+
+    # ---- CA rotation (on the leader)
+
+    def security_report(self) -> dict[str, Any]:
+        """What this node trusts and who signed its certificate (rotation confirmations)."""
+        assert self.security is not None
+        return {
+            "signing": self.security.fingerprint,
+            "trusted": self.security.trusted_fingerprints,
+            "certIssuer": self.security.cert_issuer_fingerprint,
+            "caVersion": self._ca_version,
+        }
+
+    async def rotate_ca(
+        self, *, finish_only: bool = False, force: bool = False, timeout_s: float = 60.0
+    ) -> dict[str, Any]:
+        """Replace the cluster CA with no member cut off, in three logged steps:
+
+        1. trust old + new, still sign with the old CA (no certificate changes yet);
+        2. once every member trusts both: sign with the new CA -- every node reissues its
+           certificate (same key) and its local admin certificate;
+        3. once every member holds a new certificate: trust the new CA only.
+
+        Every member means every node not removed, dead ones included: a node that misses
+        the rotation could not reconnect after step 3. ``force`` finishes without them (they
+        must then be removed and join again). ``finish_only`` resumes a rotation that stopped
+        after step 2.
+        """
+        assert self.security is not None and self.identity is not None
+        security = self.security
+        if finish_only:
+            certs = pki.load_certs(security.ca_bundle)
+            if len(certs) < 2:
+                raise AgentError("no CA rotation in progress (the bundle holds one CA)")
+            new_ca = security.ca
+        else:
+            old_ca = security.ca
+            new_ca = pki.CertificateAuthority.create(self.identity.cluster, pki.utcnow())
+            both = pki.cert_pem(new_ca.cert) + security.ca_bundle
+            await self._ca_step(
+                bundle=both,
+                signing=old_ca,
+                confirmed=lambda r: new_ca.fingerprint in r.get("trusted", []),
+                what="trust the new CA",
+                timeout_s=timeout_s,
+                force=force,
+            )
+            await self._ca_step(
+                bundle=both,
+                signing=new_ca,
+                confirmed=lambda r: r.get("certIssuer") == new_ca.fingerprint,
+                what="renew its certificate",
+                timeout_s=timeout_s,
+                force=force,
+            )
+        # The last step waits for nobody: a member still on the old CA only is cut off now,
+        # which is what --force asked for (without it, step 2 already waited for everyone).
+        await self._ca_step(
+            bundle=pki.cert_pem(new_ca.cert),
+            signing=new_ca,
+            confirmed=lambda r: r.get("trusted") == [new_ca.fingerprint],
+            what="drop the old CA",
+            timeout_s=timeout_s,
+            force=True,
+        )
+        token, _ = self.current_token()
+        return {"fingerprint": new_ca.fingerprint, "token": token}
+
+    async def _ca_step(
+        self,
+        *,
+        bundle: bytes,
+        signing: pki.CertificateAuthority,
+        confirmed: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout_s: float,
+        force: bool,
+    ) -> None:
+        assert self.security is not None
+        sealed = self.security.seal(pki.key_pem(signing.key), CA_KEY_AAD)
+        result = await self.propose(SetCa(CaRecord(bundle, sealed)))
+        if result.error:
+            raise AgentError(result.error)
+        members = {
+            n.name: n for n in self.state.nodes.values() if not n.removed and n.name != self.name
+        }
+        deadline = trio.current_time() + timeout_s
+        pending = dict(members)
+        while True:
+            if confirmed(self.security_report()):
+                for name, node in list(pending.items()):
+                    report = await self._fetch_json(node, "/v1/internal/security")
+                    if report is not None and confirmed(report):
+                        del pending[name]
+                if not pending:
+                    return
+            live = self.live_view()
+            if force and all(live.get(n) is not NodeStatus.ALIVE for n in pending):
+                log.warning("CA rotation: going on without %s", sorted(pending))
+                return
+            if trio.current_time() > deadline:
+                raise AgentError(
+                    f"CA rotation paused: {', '.join(sorted(pending))} did not {what} "
+                    f"within {timeout_s:.0f} s. Both CAs stay trusted. When they are back, run "
+                    "`p2porch ca rotate --finish`; or remove them (p2porch node rm) or finish "
+                    "with --force (they must join again)."
                 )
-                if old is not None:
-                    # In-flight calls finish on the old client; close it later.
-                    await trio.sleep(PROXY_CLOSE_DELAY_S)
-                    await old.aclose()
+            await trio.sleep(0.3)
+
+    async def _fetch_json(self, node: NodeRecord, path: str) -> dict[str, Any] | None:
+        assert self.http is not None
+        try:
+            resp = await self.http.get(f"https://{node.api_address}{path}", timeout=2.0)
+            body = resp.json()
+        except (httpx.HTTPError, ValueError):
+            return None
+        return body if resp.status_code == 200 and isinstance(body, dict) else None
 
 
 @codec.register(507)

@@ -54,6 +54,11 @@ KINDS = ("App", "Namespace")
 # laughs"), and a self-referencing alias an infinite one.
 MAX_NODES_PER_DOCUMENT = 100_000
 MAX_DEPTH = 64
+# PyYAML reads YAML 1.1 base-60 integers ("1:30:00") in time quadratic in their length (a
+# 400 KB "1:0:0:..." costs seconds); no integer longer than Python's own 4300-digit limit for
+# int("...") means anything in a manifest, so longer ones are refused before construction.
+MAX_INT_CHARS = 4300
+_INT_TAG = "tag:yaml.org,2002:int"
 
 Manifest = App | Namespace
 T = TypeVar("T")
@@ -238,10 +243,20 @@ class _Document:
     def scalar(self, node: yaml.Node, path: str) -> object:
         if not isinstance(node, yaml.ScalarNode):
             return self.problem(node, path, f"expected a single value, got {_show_node(node)}")
+        if node.tag == _INT_TAG and len(node.value) > MAX_INT_CHARS:
+            return self.problem(
+                node, path, f"integer of {len(node.value)} characters is too long to read"
+            )
         try:
             return self._constructor.construct_object(node, deep=True)
         except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
             return self.problem(node, path, f"cannot read value {node.value!r}: {exc}")
+        except (LookupError, AttributeError):
+            # PyYAML's scalar constructors trust the resolver's pattern match; an explicit
+            # tag skips it, and then they fail in their own ways: ``!!int ""`` (IndexError),
+            # ``!!bool x`` (KeyError), ``!!timestamp x`` (AttributeError).
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            return self.problem(node, path, f"cannot read value {node.value!r} as {kind}")
 
     def string(self, node: yaml.Node, path: str, *, what: str = "a string") -> str | _Bad:
         value = self.scalar(node, path)
@@ -397,6 +412,7 @@ _SPEC_FIELDS = (
     "placement",
     "volumes",
     "stopGracePeriodSeconds",
+    "secrets",
 )
 _RESTART_VALUES = {
     "always": RestartPolicyKind.ALWAYS,
@@ -545,6 +561,8 @@ def _parse_spec(doc: _Document, node: yaml.Node) -> AppSpec | _Bad:
                 fields["stopGracePeriodSeconds"], "spec.stopGracePeriodSeconds", 0, MAX_STOP_GRACE_S
             ),
         )
+    if "secrets" in fields:
+        take("secrets", doc.items(fields["secrets"], "spec.secrets", doc.string))
     if not ok or "image" not in kwargs:
         return BAD
     return doc.build(lambda: AppSpec(**kwargs), "spec", node)
@@ -732,18 +750,59 @@ def _parse_volume(doc: _Document, node: yaml.Node, path: str) -> BindMount | Vol
 # --------------------------------------------------------------------------- entry points
 
 
+class _TooManyNodes(yaml.MarkedYAMLError):
+    """Raised while composing: the document already holds MAX_NODES_PER_DOCUMENT nodes."""
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """A SafeLoader that stops composing a document once it has made too many nodes.
+
+    ``_check_size`` (after composing) catches alias bombs, but a document that is simply
+    huge -- a flow list of a million ``1`` -- would by then have cost ~650 bytes of tokens,
+    marks and nodes per item (2 MB of text -> 680 MB of memory). Counting here stops it at
+    the same bound before it is built. Aliases are counted once per use, not expanded.
+    """
+
+    _composed = 0
+
+    def compose_document(self) -> yaml.Node | None:
+        self._composed = 0
+        return super().compose_document()
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._composed += 1
+        if self._composed > MAX_NODES_PER_DOCUMENT:
+            raise _TooManyNodes(
+                problem=f"document has more than {MAX_NODES_PER_DOCUMENT} values",
+                problem_mark=self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+            )
+        return super().compose_node(parent, index)
+
+
 def _documents(
     text: str | bytes, filename: str, problems: list[ManifestProblem]
 ) -> Iterator[tuple[int, yaml.Node]]:
     """Yield (1-based index, root node) of each non-empty document; syntax errors -> problems."""
     index = 0
     try:
-        for root in yaml.compose_all(text, Loader=yaml.SafeLoader):
+        for root in yaml.compose_all(text, Loader=_BoundedLoader):
             index += 1
             # A document holding nothing (comments, a stray ---) composes to a null scalar.
             if isinstance(root, yaml.ScalarNode) and root.tag == "tag:yaml.org,2002:null":
                 continue
             yield index, root
+    except _TooManyNodes as exc:
+        mark = exc.problem_mark
+        problems.append(
+            ManifestProblem(
+                filename,
+                index + 1,
+                mark.line + 1 if mark else None,
+                mark.column + 1 if mark else None,
+                "",
+                exc.problem or "document too large",
+            )
+        )
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         message = " ".join(part for part in (exc.context, exc.problem) if part) or str(exc)
@@ -907,6 +966,8 @@ def to_manifest(obj: Manifest) -> dict[str, Any]:
                 )
         out["volumes"] = volumes
     out["stopGracePeriodSeconds"] = spec.stop_grace_s
+    if spec.secrets:
+        out["secrets"] = list(spec.secrets)
     return {"apiVersion": API_VERSION, "kind": "App", "metadata": app_meta, "spec": out}
 
 

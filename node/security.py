@@ -36,7 +36,6 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -138,15 +137,12 @@ class NodeSecurity:
         p = cls.paths(data_dir)
         try:
             bundle = p["ca"].read_bytes()
-            ca = pki.CertificateAuthority.load(
-                pki.load_certs(bundle)[0].public_bytes(serialization.Encoding.PEM),
-                p["ca_key"].read_bytes(),
-            )
+            ca = signing_ca(bundle, p["ca_key"].read_bytes())
             node_key = pki.load_key(p["key"].read_bytes())
             node_cert = p["cert"].read_bytes()
             pki.load_cert(node_cert)
             data_key = p["data_key"].read_bytes()
-        except (OSError, pki.PkiError, IndexError) as exc:
+        except (OSError, pki.PkiError) as exc:
             raise SecurityError(f"{data_dir}: security material unusable: {exc}") from exc
         if len(data_key) != DATA_KEY_BYTES:
             raise SecurityError(f"{p['data_key']}: expected {DATA_KEY_BYTES} bytes")
@@ -191,11 +187,9 @@ class NodeSecurity:
     ) -> NodeSecurity:
         """What a join answer handed over (already checked against the pinned CA)."""
         try:
-            ca = pki.CertificateAuthority.load(
-                pki.load_certs(ca_bundle)[0].public_bytes(serialization.Encoding.PEM), ca_key
-            )
+            ca = signing_ca(ca_bundle, ca_key)
             cert = pki.load_cert(node_cert)
-        except (pki.PkiError, IndexError) as exc:
+        except pki.PkiError as exc:
             raise SecurityError(f"the join answer's certificates are unusable: {exc}") from exc
         if not pki.verify_issued_by(cert, ca.cert):
             raise SecurityError("the join answer's certificate was not issued by the pinned CA")
@@ -250,6 +244,57 @@ class NodeSecurity:
         self.contexts.replace(self.material)
         return True
 
+    def adopt_ca(
+        self,
+        bundle: bytes,
+        ca_key: bytes,
+        name: str,
+        addresses: tuple[str, ...],
+        now: dt.datetime,
+    ) -> bool:
+        """Take a CA bundle and signing key from the log (a CA rotation step).
+
+        Trust exactly ``bundle``; sign with ``ca_key``; reissue our certificate (same key) and
+        the local admin certificate if another CA signed them. True if anything changed.
+        """
+        try:
+            ca = signing_ca(bundle, ca_key)
+        except pki.PkiError as exc:
+            raise SecurityError(f"the log's CA is unusable: {exc}") from exc
+        if bundle == self.ca_bundle and ca.fingerprint == self.ca.fingerprint:
+            return False
+        self.ca, self.ca_bundle = ca, bundle
+        p = self.paths(self.data_dir)
+        write_private(p["ca_key"], pki.key_pem(ca.key))
+        write_private(p["ca"], bundle)
+        if not pki.verify_issued_by(self.node_cert, ca.cert):
+            fresh = ca.issue(
+                self.node_key.public_key(), name, pki.ROLE_NODE, now, addresses=addresses
+            )
+            self.node_cert_pem = pki.cert_pem(fresh)
+            write_private(p["cert"], self.node_cert_pem)
+        if p["admin_cert"].exists():
+            admin = pki.load_cert(p["admin_cert"].read_bytes())
+            if not pki.verify_issued_by(admin, ca.cert):
+                key = pki.load_key(p["admin_key"].read_bytes())
+                reissued = ca.issue(key.public_key(), "admin", pki.ROLE_ADMIN, now)
+                write_private(p["admin_cert"], pki.cert_pem(reissued))
+        self.contexts.replace(self.material)
+        return True
+
+    @property
+    def trusted_fingerprints(self) -> list[str]:
+        return [pki.fingerprint(c) for c in pki.load_certs(self.ca_bundle)]
+
+    @property
+    def cert_issuer_fingerprint(self) -> str:
+        """Which trusted CA signed our certificate ("" if none of them: mid-rotation bug)."""
+        cert = self.node_cert
+        for ca in pki.load_certs(self.ca_bundle):
+            if pki.verify_issued_by(cert, ca):
+                return pki.fingerprint(ca)
+        return ""
+
     def issue_node(self, csr: bytes, addresses: tuple[str, ...], now: dt.datetime) -> bytes:
         try:
             cert = self.ca.sign_request(csr, pki.ROLE_NODE, now, addresses=addresses)
@@ -286,6 +331,16 @@ class NodeSecurity:
 
     def unseal(self, sealed: bytes, aad: str) -> bytes:
         return unseal(self.data_key, sealed, aad.encode())
+
+
+def signing_ca(bundle: bytes, key_pem: bytes) -> pki.CertificateAuthority:
+    """The CA of ``bundle`` whose certificate matches ``key_pem`` (a bundle may hold two)."""
+    key = pki.load_key(key_pem)
+    wanted = pki.key_id(key.public_key())
+    for cert in pki.load_certs(bundle):
+        if pki.key_id(cert.public_key()) == wanted:
+            return pki.CertificateAuthority(cert, key)
+    raise pki.PkiError("no certificate of the CA bundle matches the CA key")
 
 
 def client_yaml(server: str, cluster: str, ca_file: str, cert_file: str, key_file: str) -> str:

@@ -232,6 +232,27 @@ class DeleteSecret:
     name: str
 
 
+@codec.register(508)
+@attrs.frozen
+class CaRecord:
+    """The CA bundle every node must trust (PEM, public) and the signing CA's key (sealed).
+
+    Absent until the first CA rotation: until then each node's own files are the truth.
+    """
+
+    bundle: bytes
+    sealed_key: bytes
+    version: int = 0
+
+
+@codec.register(509)
+@attrs.frozen
+class SetCa:
+    """A step of a CA rotation (node/daemon.py ``rotate_ca``)."""
+
+    ca: CaRecord
+
+
 Command = (
     PutNamespace
     | DeleteNamespace
@@ -246,6 +267,7 @@ Command = (
     | SetGossipKeys
     | PutSecret
     | DeleteSecret
+    | SetCa
 )
 
 
@@ -253,7 +275,8 @@ Command = (
 class Change:
     """One object that changed, for the watch stream: kind, key, and the new value (or None)."""
 
-    # "namespace" | "app" | "placement" | "node" | "replica" | "token" | "gossip-keys" | "secret"
+    # "namespace" | "app" | "placement" | "node" | "replica" | "token" | "gossip-keys" |
+    # "secret" | "ca"
     kind: str
     key: str
     value: object | None
@@ -286,6 +309,7 @@ class StateSnapshot:
     join_token: JoinTokenRecord | None = None
     gossip_keys: GossipKeys | None = None
     secrets: tuple[SecretRecord, ...] = ()
+    ca: CaRecord | None = None
 
 
 def _app_key(namespace: str, name: str) -> str:
@@ -306,6 +330,7 @@ class ClusterState:
         self.join_token: JoinTokenRecord | None = None
         self.gossip_keys: GossipKeys | None = None
         self.secrets: dict[str, SecretRecord] = {}
+        self.ca: CaRecord | None = None
 
     # ---- apply
 
@@ -461,6 +486,13 @@ class ClusterState:
         self.gossip_keys = attrs.evolve(cmd.keys, version=version)
         return (Change("gossip-keys", "keyring", None),)
 
+    def _apply_SetCa(self, cmd: SetCa) -> tuple[Change, ...]:
+        if not cmd.ca.bundle:
+            raise StateError("the CA bundle cannot be empty")
+        version = (self.ca.version if self.ca else 0) + 1
+        self.ca = attrs.evolve(cmd.ca, version=version)
+        return (Change("ca", "bundle", None),)
+
     def _apply_PutSecret(self, cmd: PutSecret) -> tuple[Change, ...]:
         secret = cmd.secret
         if secret.namespace not in self.namespaces:
@@ -587,6 +619,7 @@ class ClusterState:
                 join_token=self.join_token,
                 gossip_keys=self.gossip_keys,
                 secrets=tuple(v for _, v in sorted(self.secrets.items())),
+                ca=self.ca,
             )
         )
 
@@ -604,6 +637,7 @@ class ClusterState:
         state.join_token = snap.join_token
         state.gossip_keys = snap.gossip_keys
         state.secrets = {_app_key(s.namespace, s.name): s for s in snap.secrets}
+        state.ca = snap.ca
         return state
 
     def __eq__(self, other: object) -> bool:

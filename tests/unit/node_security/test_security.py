@@ -352,3 +352,31 @@ def test_secret_delivery_only_to_nodes_running_a_user(tmp_path: Path) -> None:
 
 def _identity(name: str) -> Identity:
     return Identity(name, "c1", "127.0.0.2", 7950, 7951, 7946)
+
+
+def test_adopt_ca_reissues_and_narrows_trust(security: NodeSecurity) -> None:
+    """The three CA rotation steps as one node sees them (node/daemon.py rotate_ca)."""
+    security.write_admin_client("127.0.0.2:7950", "c1", NOW)
+    old = security.ca
+    new = pki.CertificateAuthority.create("c1", NOW)
+    both = pki.cert_pem(new.cert) + security.ca_bundle
+    key_id = security.node_key_id
+    # 1. trust both, still signed by the old CA: nothing reissued.
+    assert security.adopt_ca(both, pki.key_pem(old.key), "n1", ("127.0.0.2",), NOW)
+    assert security.trusted_fingerprints == [new.fingerprint, old.fingerprint]
+    assert security.cert_issuer_fingerprint == old.fingerprint
+    assert not security.adopt_ca(both, pki.key_pem(old.key), "n1", ("127.0.0.2",), NOW)
+    # 2. sign with the new CA: our certificate and the admin one are reissued, same key.
+    assert security.adopt_ca(both, pki.key_pem(new.key), "n1", ("127.0.0.2",), NOW)
+    assert security.cert_issuer_fingerprint == new.fingerprint
+    assert security.node_key_id == key_id
+    admin = pki.load_cert((security.data_dir / "admin.pem").read_bytes())
+    assert pki.verify_issued_by(admin, new.cert)
+    # 3. trust the new CA only; the files agree after a restart.
+    assert security.adopt_ca(pki.cert_pem(new.cert), pki.key_pem(new.key), "n1", (), NOW)
+    loaded = NodeSecurity.load(security.data_dir)
+    assert loaded.trusted_fingerprints == [new.fingerprint]
+    assert loaded.fingerprint == new.fingerprint
+    # A key that matches no certificate of the bundle is refused.
+    with pytest.raises(SecurityError, match="unusable"):
+        security.adopt_ca(pki.cert_pem(new.cert), pki.key_pem(old.key), "n1", (), NOW)
