@@ -433,3 +433,28 @@ async def test_concurrent_reads_share_rounds_and_history_is_linearizable(
     assert rounds < len(reads)
     result = check(history)
     assert result.ok, result
+
+
+async def test_a_message_must_come_from_the_tls_peer_it_names(
+    cluster: Cluster, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Over mutual TLS a stream knows its peer: a valid node certificate of "b" cannot speak
+    for "c" (e.g. a forged vote request with a huge term is dropped, not obeyed)."""
+    from p2porch.consensus.messages import RequestVote
+    from p2porch.consensus.transport import AuthenticatedStream
+
+    await start_three(cluster)
+    await cluster.leader()
+    victim = cluster.nodes["a"]
+    term = victim.core.term
+    ours, theirs = trio.testing.memory_stream_pair()
+    forged = RequestVote(
+        src="c", dst="a", term=term + 1000, last_log_index=10**6, last_log_term=term + 999
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(victim._handle_inbound, AuthenticatedStream(theirs, "b"))
+        await ours.send_all(encode_frame(codec.encode(forged)))
+        await trio.sleep(1)
+    assert victim.counters.bad_messages == 1
+    assert victim.core.term < term + 1000
+    assert (await cluster.put("still", b"fine")).ok
