@@ -8,10 +8,15 @@ match wins:
 3. the ``server`` of ``~/.config/p2porch/client.yaml`` (if it exists);
 4. ``127.0.0.1:7950``, the node on this machine.
 
-The config file also carries credentials (``credentials: {caFile, certFile, keyFile}``) that
-the security work will issue; they apply whichever way the address was chosen, because a
-node picked with ``--node`` still expects the cluster's client certificate. Relative paths are
-read from the config file's folder, so a config directory can be copied as a whole.
+The config file also carries credentials (``credentials: {caFile, certFile, keyFile}``): the
+cluster CA the node's certificate must chain to, and the client certificate and key the CLI
+presents (a node writes an admin one to ``DATA_DIR/client.yaml``; ``p2porch user create``
+issues more). They apply whichever way the address was chosen, because a node picked with
+``--node`` still expects the cluster's client certificate. Relative paths are read from the
+config file's folder, so a config directory can be copied as a whole.
+
+Every node's API is HTTPS only (TLS 1.3), so an address without a scheme means ``https://``;
+an explicit ``http://`` URL is kept as given (a proxy, a test server).
 
 Pure: reads only the file it is told to read; the environment arrives as a mapping.
 """
@@ -69,12 +74,17 @@ class Credentials:
 
 @attrs.frozen
 class Target:
-    """Where requests go: ``base_url`` like ``http://127.0.0.2:7950``; ``source`` says why."""
+    """Where requests go: ``base_url`` like ``https://127.0.0.2:7950``; ``source`` says why.
+
+    ``config_path`` is the client.yaml the credentials came from (None: no config file in
+    use), so error messages can name the file to fix or to use instead.
+    """
 
     base_url: str
     source: str
     cluster: str | None = None
     credentials: Credentials = Credentials()
+    config_path: Path | None = None
 
     @property
     def display(self) -> str:
@@ -82,8 +92,11 @@ class Target:
         return self.base_url.split("://", 1)[-1]
 
 
-def parse_address(text: str, *, tls: bool = False) -> str:
-    """``ADDR[:PORT]`` (or a full ``http(s)://`` URL) -> a base URL; ConfigError if malformed."""
+def parse_address(text: str) -> str:
+    """``ADDR[:PORT]`` (or a full ``http(s)://`` URL) -> a base URL; ConfigError if malformed.
+
+    Without a scheme the URL is ``https://``: the API speaks nothing else.
+    """
     raw = text.strip()
     if not raw:
         raise ConfigError("the node address is empty")
@@ -93,7 +106,7 @@ def parse_address(text: str, *, tls: bool = False) -> str:
             raise ConfigError(f"unsupported scheme {scheme!r} in node address {text!r}")
         raw = rest.rstrip("/")
     else:
-        scheme = "https" if tls else "http"
+        scheme = "https"
     if raw.startswith("["):  # [v6]:port
         host, sep, port_text = raw[1:].partition("]")
         if not sep:
@@ -124,6 +137,18 @@ def _path(value: object, field: str, base: Path, where: str) -> Path:
         raise ConfigError(f"{where}: credentials.{field} must be a file path")
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def dump_config(
+    server: str, cluster: str | None, ca_file: str, cert_file: str, key_file: str
+) -> str:
+    """A client.yaml in the format :func:`load_config` reads (file paths relative to it)."""
+    data: dict[str, Any] = {"apiVersion": CONFIG_API_VERSION, "kind": CONFIG_KIND}
+    data["server"] = server
+    if cluster:
+        data["cluster"] = cluster
+    data["credentials"] = {"caFile": ca_file, "certFile": cert_file, "keyFile": key_file}
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -165,6 +190,32 @@ def load_config(path: Path) -> dict[str, Any]:
     return data
 
 
+def credentials_of(config: Mapping[str, Any]) -> Credentials:
+    """The credentials of a mapping :func:`load_config` returned."""
+    creds_map: Mapping[str, Path] = config.get("credentials", {})
+    return Credentials(
+        ca_file=creds_map.get("caFile"),
+        cert_file=creds_map.get("certFile"),
+        key_file=creds_map.get("keyFile"),
+    )
+
+
+def target_from_config(path: Path, node: str | None = None) -> Target:
+    """A target from one client.yaml (a node's ``DATA_DIR/client.yaml``, say): its server,
+    or ``node`` when given, with its credentials."""
+    config = load_config(path)
+    server = node or config.get("server")
+    if not server:
+        raise ConfigError(f"{path}: no server (expected server: ADDR[:PORT])")
+    return Target(
+        parse_address(server),
+        str(path),
+        config.get("cluster"),
+        credentials_of(config),
+        path,
+    )
+
+
 def resolve_target(node: str | None, environ: Mapping[str, str], home: Path) -> Target:
     """Apply the precedence rules of the module docstring.
 
@@ -172,6 +223,7 @@ def resolve_target(node: str | None, environ: Mapping[str, str], home: Path) -> 
     """
     config: dict[str, Any] = {}
     config_source = ""
+    config_path: Path | None = None
     explicit = environ.get(ENV_CONFIG)
     if explicit:
         config_path = Path(explicit).expanduser()
@@ -179,22 +231,21 @@ def resolve_target(node: str | None, environ: Mapping[str, str], home: Path) -> 
             raise ConfigError(f"{ENV_CONFIG}={explicit}: no such file")
         config, config_source = load_config(config_path), f"{ENV_CONFIG} ({config_path})"
     else:
-        config_path = default_config_path(home)
-        if config_path.is_file():
-            config, config_source = load_config(config_path), str(config_path)
-    creds_map: dict[str, Path] = config.get("credentials", {})
-    credentials = Credentials(
-        ca_file=creds_map.get("caFile"),
-        cert_file=creds_map.get("certFile"),
-        key_file=creds_map.get("keyFile"),
-    )
-    tls = credentials.cert_file is not None or credentials.ca_file is not None
+        default_path = default_config_path(home)
+        if default_path.is_file():
+            config_path = default_path
+            config, config_source = load_config(default_path), str(default_path)
+    credentials = credentials_of(config)
     cluster = config.get("cluster")
     if node:
-        return Target(parse_address(node, tls=tls), "--node", cluster, credentials)
+        return Target(parse_address(node), "--node", cluster, credentials, config_path)
     server = config.get("server")
     if server:
-        return Target(parse_address(server, tls=tls), config_source, cluster, credentials)
+        return Target(parse_address(server), config_source, cluster, credentials, config_path)
     return Target(
-        parse_address(f"{DEFAULT_HOST}:{DEFAULT_PORT}", tls=tls), "default", cluster, credentials
+        parse_address(f"{DEFAULT_HOST}:{DEFAULT_PORT}"),
+        "default",
+        cluster,
+        credentials,
+        config_path,
     )

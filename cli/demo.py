@@ -10,6 +10,11 @@
    and waits until they run;
 4. prints where each replica runs and fetches each page once over loopback.
 
+The agents' API is HTTPS only (mutual TLS 1.3): the demo talks to every node with the admin
+credentials the first node wrote (``demo-cluster/n1/client.yaml``: the cluster CA, an admin
+certificate and key), through the CLI's own :class:`~p2porch.cli.client.ApiClient`. The demo
+app's pages are the app's business, plain HTTP on the ports it publishes.
+
 ``p2porch demo --down`` stops the agents and removes the demo's containers (data kept unless
 ``--purge``).
 """
@@ -30,23 +35,44 @@ from typing import Any
 
 import httpx
 
+from .client import ApiClient, ClientError, TlsFailure
+from .config import ConfigError, target_from_config
+
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 API_PORT = 7950
 
 
-def _api(host: str) -> str:
-    return f"http://{host}:{API_PORT}"
+def client_config(base: Path) -> Path:
+    """The admin client.yaml the first node writes; it serves for every demo node."""
+    return base / "n1" / "client.yaml"
 
 
-def _healthy(host: str) -> bool:
+def api_client(base: Path, host: str, timeout_s: float = 10.0) -> ApiClient:
+    """An HTTPS client of ``host``'s API with the demo cluster's admin credentials.
+
+    ConfigError while the first node has not written its credentials yet.
+    """
+    target = target_from_config(client_config(base), node=f"{host}:{API_PORT}")
+    return ApiClient(target, timeout_s=timeout_s)
+
+
+def _probe(base: Path, host: str) -> Exception | None:
+    """None if ``host`` answers /healthz over TLS verified with the demo's CA; else why not."""
     try:
-        return httpx.get(f"{_api(host)}/healthz", timeout=1.0).status_code == 200
-    except httpx.HTTPError:
-        return False
+        with api_client(base, host, timeout_s=2.0) as client:
+            return None if client.healthz() else ClientError(f"{host}: not healthy")
+    except (ClientError, ConfigError) as exc:
+        return exc
 
 
-def _start_agent(data_dir: Path, host: str, name: str, join: tuple[str, str] | None) -> None:
+def _healthy(base: Path, host: str) -> bool:
+    return _probe(base, host) is None
+
+
+def _start_agent(
+    data_dir: Path, host: str, name: str, join: tuple[str, str] | None
+) -> subprocess.Popen[bytes]:
     data_dir.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -62,18 +88,40 @@ def _start_agent(data_dir: Path, host: str, name: str, join: tuple[str, str] | N
     ]
     if join is not None and not (data_dir / "node.json").exists():
         cmd += ["--join", join[0], "--token", join[1]]
-    log = (data_dir / "agent.log").open("ab")
-    proc = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-    )
+    with (data_dir / "agent.log").open("ab") as log:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     (data_dir / "agent.pid").write_text(f"{proc.pid}\n")
+    return proc
 
 
-def _wait(predicate: Any, timeout_s: float, what: str) -> None:
+def _wait(
+    predicate: Any,
+    timeout_s: float,
+    what: str,
+    agent: subprocess.Popen[bytes] | None = None,
+    log: Path | None = None,
+) -> None:
+    """Poll ``predicate`` until true; fail early, with the end of ``log``, if ``agent`` exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if predicate():
             return
+        if agent is not None and agent.poll() is not None:
+            tail = (
+                log.read_text(errors="replace").splitlines()[-10:]
+                if log is not None and log.exists()
+                else []
+            )
+            raise SystemExit(
+                f"demo: the agent for {what} exited with code {agent.returncode}; "
+                f"end of {log}:\n  " + "\n  ".join(tail)
+            )
         time.sleep(0.3)
     raise SystemExit(f"demo: timed out after {timeout_s:.0f} s waiting for {what}")
 
@@ -99,40 +147,66 @@ def run_demo(base: Path | None = None, down: bool = False, purge: bool = False) 
     _build_images()
     for i, host in enumerate(HOSTS, start=1):
         data = base / f"n{i}"
-        if _healthy(host):
+        problem = _probe(base, host)
+        if problem is None:
             print(f"node n{i} on {host}: already running")
             continue
+        if isinstance(problem, TlsFailure):
+            # Something answers there, but TLS with it fails: another cluster's (leftover)
+            # agent, whose port a new agent could not take anyway.
+            raise SystemExit(
+                f"demo: {host}:{API_PORT} is taken by a node of another cluster ({problem}); "
+                "stop it (p2porch demo --down, or kill it) and run the demo again"
+            )
         join = None
         if i > 1:
             token = (base / "n1" / "join-token").read_text().strip()
             join = (HOSTS[0], token)
-        _start_agent(data, host, f"n{i}", join)
-        _wait(lambda h=host: _healthy(h), 30, f"node n{i} on {host}")
+        agent = _start_agent(data, host, f"n{i}", join)
+        _wait(
+            lambda h=host: _healthy(base, h),
+            30,
+            f"node n{i} on {host}",
+            agent,
+            data / "agent.log",
+        )
         print(f"node n{i} on {host}: started (log: {data / 'agent.log'})")
-    _wait(
-        lambda: len(httpx.get(f"{_api(HOSTS[0])}/v1/status", timeout=2).json()["voters"]) == 3,
-        60,
-        "three voters",
-    )
+
+    def three_voters() -> bool:
+        try:
+            with api_client(base, HOSTS[0], timeout_s=2.0) as client:
+                return len(client.status().get("voters") or []) == 3
+        except (ClientError, ConfigError):
+            return False
+
+    _wait(three_voters, 60, "three voters")
 
     from p2porch.node.manifest import load_manifest_file, to_manifest
 
     docs = [to_manifest(obj) for obj in load_manifest_file(ROOT / "examples" / "demo.yaml")]
-    resp = httpx.post(f"{_api(HOSTS[1])}/v1/apply", json={"documents": docs}, timeout=30)
-    if resp.status_code != 200:
-        raise SystemExit(f"demo: apply failed: {resp.text}")
-    for result in resp.json()["results"]:
+    try:
+        with api_client(base, HOSTS[1], timeout_s=30.0) as client:
+            answer = client.apply(docs)
+    except ClientError as exc:
+        raise SystemExit(f"demo: apply failed: {exc}") from None
+    for result in answer.get("results") or []:
         print(f"app {result['namespace']}/{result['name']}: {result['action']}")
 
     def running() -> bool:
-        rows = httpx.get(f"{_api(HOSTS[2])}/v1/replicas?app=hello", timeout=5).json()
+        try:
+            with api_client(base, HOSTS[2], timeout_s=5.0) as client:
+                rows = client.replicas(app="hello")
+        except (ClientError, ConfigError):
+            return False
         return bool(rows) and all(r["state"] == "running" for r in rows)
 
     _wait(running, 120, "the demo's replicas to run")
-    rows = httpx.get(f"{_api(HOSTS[0])}/v1/replicas?app=hello", timeout=5).json()
-    nodes = {n["name"]: n for n in httpx.get(f"{_api(HOSTS[0])}/v1/nodes", timeout=5).json()}
+    with api_client(base, HOSTS[0], timeout_s=5.0) as client:
+        rows = client.replicas(app="hello")
+        nodes = {n["name"]: n for n in client.nodes()}
     print("\nThe demo app runs on a 3-node p2porch cluster:\n")
     for row in rows:
+        # The app's own page: plain HTTP on the port it publishes (not the node API).
         url = _replica_url(row, nodes[row["node"]]["address"])
         try:
             page = httpx.get(url, timeout=3).text if url else ""
@@ -140,16 +214,21 @@ def run_demo(base: Path | None = None, down: bool = False, purge: bool = False) 
         except httpx.HTTPError as exc:
             shown = f"(no answer: {exc})"
         print(f"  {row['name']:<10} on {row['node']:<4} {url:<28} {shown}")
-    print(
-        "\nNext:\n"
-        f"  export P2PORCH_NODE={HOSTS[0]}\n"
+    print(next_steps(base))
+    return 0
+
+
+def next_steps(base: Path) -> str:
+    """What to try next: the CLI needs the admin credentials n1 wrote (the API is mTLS)."""
+    return (
+        "\nNext (the API is HTTPS with client certificates; n1 wrote admin credentials):\n"
+        f"  export P2PORCH_CONFIG={client_config(base)}\n"
         "  .venv/bin/p2porch get nodes            # who leads, who is alive\n"
         "  .venv/bin/p2porch get replicas -o wide\n"
         "  .venv/bin/p2porch scale hello=5\n"
         f"  kill -9 $(cat {base}/n3/agent.pid)   # watch its replica move\n"
         "  .venv/bin/p2porch demo --down          # stop it all"
     )
-    return 0
 
 
 def _page_text(page: str) -> str:

@@ -17,10 +17,12 @@ fake API (``httpx.MockTransport``) and no real waiting.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import importlib
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ import httpx
 import yaml
 
 from p2porch import __version__
+from p2porch.common import pki
 from p2porch.node.errors import ManifestError, ManifestProblem
 from p2porch.node.manifest import (
     load_manifest_file,
@@ -45,8 +48,16 @@ from p2porch.node.manifest import (
 from p2porch.node.spec import App
 
 from . import output as out
-from .client import ApiClient, ApiError, ClientError, Unreachable
-from .config import DEFAULT_PORT, ConfigError, Target, parse_address, resolve_target
+from .client import ApiClient, ApiError, ClientError, TlsFailure, Unreachable
+from .config import (
+    DEFAULT_PORT,
+    ConfigError,
+    Target,
+    dump_config,
+    parse_address,
+    resolve_target,
+    target_from_config,
+)
 
 DEFAULT_WAIT_TIMEOUT_S = 120.0
 DEFAULT_START_TIMEOUT_S = 60.0
@@ -148,6 +159,10 @@ def report_error(exc: Exception) -> None:
         out.echo_err(f"error: {exc.code}: {exc.message}")
         for detail in exc.details:
             out.echo_err(f"  {out.format_detail(detail)}")
+    elif isinstance(exc, TlsFailure):
+        out.echo_err(f"error: {exc.message}")
+        for hint in exc.hints:
+            out.echo_err(f"  {hint}")
     elif isinstance(exc, ManifestError):
         count = len(exc.problems)
         out.echo_err(f"error: {count} problem{'s' if count != 1 else ''} in manifest")
@@ -179,7 +194,7 @@ class P2porchGroup(click.Group):
         except (ClientError, ConfigError, ManifestError) as exc:
             report_error(exc)
             rt = ctx.find_object(Runtime)
-            if isinstance(exc, Unreachable) and rt is not None and rt.chosen_by:
+            if isinstance(exc, Unreachable | TlsFailure) and rt is not None and rt.chosen_by:
                 out.echo_err(
                     f"  (node chosen by {rt.chosen_by}; pick one with --node ADDR or P2PORCH_NODE)"
                 )
@@ -403,10 +418,13 @@ def _start_agent(opts: dict[str, Any], timeout_s: float) -> tuple[Target, Path]:
         fail(f"cannot start the agent: {exc}")
     with contextlib.suppress(OSError):  # only a convenience for stopping it by hand
         (directory / "agent.pid").write_text(f"{process.pid}\n", encoding="utf-8")
-    target = _api_target_of(opts["advertise"], opts.get("api_port"))
+    address = _api_target_of(opts["advertise"], opts.get("api_port")).display
+    config_path = directory / "client.yaml"
     out.echo_err(f"started p2porch agent (pid {process.pid}), log {log_path}")
     deadline = rt.clock() + timeout_s
-    with rt.client_for(target) as client:
+    client: ApiClient | None = None
+    config_problem = ""
+    try:
         while True:
             code = process.poll()
             if code is not None:
@@ -414,17 +432,33 @@ def _start_agent(opts: dict[str, Any], timeout_s: float) -> tuple[Target, Path]:
                 for line in _tail(log_path, 20):
                     out.echo_err(f"  {line}")
                 raise click.exceptions.Exit(1)
-            try:
-                if client.healthz():
-                    return target, directory
-            except ClientError:
-                pass
+            # The API is HTTPS only: its CA and an admin certificate are in the client.yaml
+            # the agent writes to its data dir before it serves.
+            if client is None and config_path.is_file():
+                try:
+                    client = rt.client_for(target_from_config(config_path, node=address))
+                except ConfigError as exc:
+                    config_problem = f" ({exc})"
+            if client is not None:
+                try:
+                    if client.healthz():
+                        return client.target, directory
+                except ClientError:
+                    pass
             if rt.clock() >= deadline:
+                if client is None:
+                    fail(
+                        f"the agent (pid {process.pid}) did not write a usable {config_path} "
+                        f"within {timeout_s:g}s{config_problem}; see {log_path}"
+                    )
                 fail(
-                    f"the agent (pid {process.pid}) did not answer on {target.display}/healthz "
+                    f"the agent (pid {process.pid}) did not answer on {address}/healthz "
                     f"within {timeout_s:g}s; see {log_path}"
                 )
             rt.sleep(rt.poll_interval_s)
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _tail(path: Path, lines: int) -> list[str]:
@@ -468,13 +502,16 @@ def init(timeout_s: float, **opts: Any) -> None:
     with rt.client_for(target) as client:
         token = _read_token(directory, client, rt, min(timeout_s, 5.0))
     click.echo(f"A new cluster is running; this node's API is {target.display}.")
+    click.echo(f"Admin credentials for the CLI: {target.config_path}")
     click.echo(f"Join token: {token}")
     click.echo("Next, on every other machine:")
     click.echo(
         f"  p2porch join {target.display} --token {token} --data-dir DIR --advertise ITS_ADDRESS"
     )
     click.echo("Then:")
-    click.echo(f"  p2porch --node {target.display} get nodes")
+    click.echo(f"  export P2PORCH_CONFIG={target.config_path}")
+    click.echo("  p2porch get nodes")
+    click.echo("  p2porch user create NAME --role admin|viewer   # credentials for others")
 
 
 @cli.command()
@@ -486,8 +523,9 @@ def join(peer: str, token: str, timeout_s: float, **opts: Any) -> None:
     """Start a node in the background that joins the cluster PEER is in."""
     target, _ = _start_agent({**opts, "join": peer, "token": token}, timeout_s)
     click.echo(f"This node joined through {peer}; its API is {target.display}.")
+    click.echo(f"Admin credentials for the CLI: {target.config_path}")
     click.echo("Next:")
-    click.echo(f"  p2porch --node {target.display} get nodes")
+    click.echo(f"  P2PORCH_CONFIG={target.config_path} p2porch get nodes")
 
 
 @cli.command()
@@ -521,10 +559,83 @@ def demo(base: Path | None, down: bool, purge: bool) -> None:
 # --------------------------------------------------------------------------- cluster commands
 
 
-@cli.command()
-def token() -> None:
-    """Print the join token (for `p2porch join PEER --token ...`)."""
-    click.echo(api().token())
+@cli.group(cls=P2porchGroup, invoke_without_command=True)
+@click.pass_context
+def token(ctx: click.Context) -> None:
+    """Print the join token (for `p2porch join PEER --token ...`); `token rotate` replaces it."""
+    if ctx.invoked_subcommand is not None:
+        return
+    answer = api().token_info()
+    click.echo(answer["token"])
+    expires = answer.get("expiresAt")
+    if isinstance(expires, int | float) and not isinstance(expires, bool):
+        out.echo_err(f"(expires {format_epoch(expires)})")
+
+
+def parse_duration(text: str) -> float:
+    """``1h``, ``30m``, ``3600s``, ``1h30m``, ``2d`` or plain seconds -> seconds (> 0).
+
+    ValueError with the reason when malformed.
+    """
+    raw = text.strip().lower()
+    if not raw:
+        raise ValueError("empty duration")
+    try:
+        seconds = float(raw)
+    except ValueError:
+        units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+        parts = re.findall(r"(\d+(?:\.\d+)?)([dhms])", raw)
+        if not parts or "".join(n + u for n, u in parts) != raw:
+            raise ValueError(
+                f"not a duration: {text!r} (expected e.g. 1h, 30m, 3600s, 1h30m or 2d)"
+            ) from None
+        seconds = sum(float(n) * units[u] for n, u in parts)
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(f"the duration must be positive, got {text!r}")
+    return seconds
+
+
+def format_epoch(seconds: float) -> str:
+    """Seconds since the epoch as ``2026-11-27 21:00:00 UTC``."""
+    try:
+        when = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    except (OverflowError, ValueError, OSError):  # beyond what datetime can show
+        return f"{seconds:.0f} s after 1970-01-01 UTC"
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@token.command("rotate")
+@click.option(
+    "--ttl",
+    "ttl_s",
+    metavar="DURATION",
+    default=None,
+    callback=_duration_option,
+    help="The new token expires after this long (1h, 30m, 3600s); default: never.",
+)
+@click.option("-o", "--output", "fmt", type=click.Choice(["text", "json", "yaml"]), default="text")
+def token_rotate(ttl_s: float | None, fmt: str) -> None:
+    """Make a new join token; every older token stops working at once."""
+    answer = api().rotate_token(ttl_s)
+    if fmt != "text":
+        out.emit_data(answer, fmt)
+        return
+    click.echo(answer["token"])
+    expires = answer.get("expiresAt")
+    if isinstance(expires, int | float) and not isinstance(expires, bool):
+        out.echo_err(f"new join token; it expires {format_epoch(expires)}")
+    else:
+        out.echo_err("new join token; it does not expire (until the next rotation)")
+    out.echo_err("older tokens no longer work (nodes that already joined are not affected)")
 
 
 @cli.command()
@@ -1085,6 +1196,244 @@ def describe_node(name: str) -> None:
     click.echo("\nEvents:" if lines else "\nEvents: none recent")
     for line in lines:
         click.echo(f"  {line}")
+
+
+# --------------------------------------------------------------------------- users, secrets, keys
+
+
+@cli.group(cls=P2porchGroup)
+def user() -> None:
+    """Client credentials for people and scripts (admin: read and write; viewer: read)."""
+
+
+@user.command("create")
+@click.argument("name")
+@click.option(
+    "--role", type=click.Choice(list(pki.USER_ROLES)), required=True, help="What it may do."
+)
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Folder for the credentials (default ./NAME-credentials).",
+)
+def user_create(name: str, role: str, out_dir: Path | None) -> None:
+    """Issue a client certificate for NAME; writes a client.yaml folder to hand over.
+
+    The private key is made here and never sent: the cluster CA signs a request for it.
+    """
+    try:
+        pki.check_name(name)
+    except pki.PkiError as exc:
+        raise click.BadParameter(str(exc), param_hint="NAME") from None
+    directory = (out_dir or Path(f"{name}-credentials")).expanduser().absolute()
+    files = {"config": "client.yaml", "ca": "ca.pem", "cert": f"{name}.pem", "key": f"{name}.key"}
+    taken = [f for f in files.values() if (directory / f).exists()]
+    if taken:
+        fail(f"{directory} already holds {', '.join(taken)}: remove them or choose another --out")
+    key = pki.generate_key()
+    client = api()
+    answer = client.create_user(name, role, pki.make_request(key, name).decode())
+    cert_text, ca_text = answer.get("certificate"), answer.get("ca")
+    if not isinstance(cert_text, str) or not isinstance(ca_text, str):
+        fail("the node answered POST /v1/users without a certificate and CA")
+    try:
+        cert = pki.load_cert(cert_text.encode())
+        cas = pki.load_certs(ca_text.encode())
+        identity = pki.identity_of(cert)
+    except pki.PkiError as exc:
+        fail(f"the node answered POST /v1/users with an unusable certificate: {exc}")
+    if pki.key_id(cert.public_key()) != pki.key_id(key.public_key()):
+        fail("the node answered POST /v1/users with a certificate for another key")
+    if not any(pki.verify_issued_by(cert, ca) for ca in cas):
+        fail("the node answered POST /v1/users with a certificate its CA bundle did not sign")
+    config = dump_config(
+        client.target.display,
+        identity.cluster or client.target.cluster,
+        files["ca"],
+        files["cert"],
+        files["key"],
+    )
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _write_new(directory / files["key"], pki.key_pem(key), 0o600)
+        _write_new(directory / files["cert"], cert_text.encode(), 0o644)
+        _write_new(directory / files["ca"], ca_text.encode(), 0o644)
+        _write_new(directory / files["config"], config.encode(), 0o644)
+    except OSError as exc:
+        fail(f"the certificate was issued, but writing {directory} failed: {exc}")
+    until = cert.not_valid_after_utc.strftime("%Y-%m-%d")
+    click.echo(f"user {identity.name} (role {identity.role}) created; valid until {until}")
+    click.echo(f"credentials in {directory}:")
+    click.echo(f"  client.yaml  ca.pem  {files['cert']}  {files['key']} (private key, mode 0600)")
+    click.echo("use them with:")
+    click.echo(f"  P2PORCH_CONFIG={directory / files['config']} p2porch get nodes")
+    click.echo("hand the whole folder over privately; the key was made here and never sent.")
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` with ``mode`` from the start (never a moment world-readable)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+# Item names the node accepts (node/daemon.py put_secret), checked here to fail before sending.
+_SECRET_KEY_RE = re.compile(r"[A-Za-z0-9._-]{1,253}")
+# Secrets travel in the Raft log and every snapshot; Kubernetes draws the same 1 MiB line.
+MAX_SECRET_BYTES = 1 << 20
+
+
+def secret_data(from_files: Sequence[str], literals: Sequence[str]) -> dict[str, bytes]:
+    """``--from-file [KEY=]PATH`` and ``--from-literal KEY=VALUE`` -> {KEY: bytes}.
+
+    click.BadParameter names the option and item that is wrong; nothing is sent then.
+    """
+    data: dict[str, bytes] = {}
+
+    def add(key: str, value: bytes, item: str, hint: str) -> None:
+        if not _SECRET_KEY_RE.fullmatch(key):
+            raise click.BadParameter(
+                f"{item!r}: the key {key!r} may hold only letters, digits, '-', '.' and '_'",
+                param_hint=hint,
+            )
+        if key in data:
+            raise click.BadParameter(f"{item!r}: key {key!r} is given twice", param_hint=hint)
+        data[key] = value
+
+    for item in from_files:
+        key, sep, path_text = item.partition("=")
+        if not sep:
+            key, path_text = Path(item).name, item
+        path = Path(path_text).expanduser()
+        if not path_text:
+            raise click.BadParameter(f"{item!r}: no file after '='", param_hint="--from-file")
+        try:
+            with path.open("rb") as fh:  # never more than the limit (a wrong multi-GB path)
+                value = fh.read(MAX_SECRET_BYTES + 1)
+        except OSError as exc:
+            raise click.BadParameter(
+                f"cannot read {path}: {exc.strerror or exc}", param_hint="--from-file"
+            ) from None
+        add(key, value, item, "--from-file")
+    for item in literals:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise click.BadParameter(
+                f"expected KEY=VALUE, got {item!r}", param_hint="--from-literal"
+            )
+        add(key, text.encode("utf-8"), item, "--from-literal")
+    if not data:
+        raise click.UsageError("give at least one --from-file [KEY=]PATH or --from-literal K=V")
+    size = sum(len(v) for v in data.values())
+    if size > MAX_SECRET_BYTES:
+        raise click.UsageError(
+            f"the secret holds {size} bytes; at most {MAX_SECRET_BYTES} (1 MiB) are accepted"
+        )
+    return data
+
+
+@cli.group(cls=P2porchGroup)
+def secret() -> None:
+    """Secrets for apps (spec.secrets): stored encrypted, values never shown."""
+
+
+_secret_namespace_option = click.option(
+    "-n", "--namespace", default="default", show_default=True, help="Namespace of the secret."
+)
+
+
+@secret.command("create")
+@click.argument("name")
+@_secret_namespace_option
+@click.option(
+    "--from-file",
+    "from_files",
+    multiple=True,
+    metavar="[KEY=]PATH",
+    help="A file's bytes under KEY (default: the file's name). Repeatable.",
+)
+@click.option(
+    "--from-literal",
+    "literals",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A value given on the command line. Repeatable.",
+)
+def secret_create(
+    name: str, namespace: str, from_files: tuple[str, ...], literals: tuple[str, ...]
+) -> None:
+    """Create or replace secret NAME from files and literals (at least one)."""
+    data = secret_data(from_files, literals)
+    answer = api().put_secret(namespace, name, data)
+    keys = answer.get("keys") or sorted(data)
+    count = len(keys)
+    click.echo(
+        f"secret {namespace}/{name} saved ({count} key{'s' if count != 1 else ''}: "
+        f"{', '.join(str(k) for k in keys)})"
+    )
+
+
+@secret.command("ls")
+@click.option("-n", "--namespace", default=None, help="Only this namespace (default: all).")
+@_output_option
+def secret_ls(namespace: str | None, fmt: str) -> None:
+    """Secrets with their keys and the apps that use them (never their values)."""
+    _show(api().secrets(namespace), fmt, out.secrets_table, "secrets")
+
+
+@secret.command("rm")
+@click.argument("name")
+@_secret_namespace_option
+def secret_rm(name: str, namespace: str) -> None:
+    """Delete secret NAME."""
+    api().delete_secret(namespace, name)
+    click.echo(f"secret {namespace}/{name} deleted")
+
+
+@cli.group(cls=P2porchGroup)
+def ca() -> None:
+    """The cluster's certificate authority."""
+
+
+@ca.command("rotate")
+@click.option(
+    "--finish", is_flag=True, help="Resume a paused rotation (both CAs trusted) to its end."
+)
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Finish without members that do not confirm (they must join again).",
+)
+def ca_rotate(finish: bool, force: bool) -> None:
+    """Replace the cluster CA with no member cut off; prints the new join token."""
+    answer = api().rotate_ca(finish=finish, force=force)
+    click.echo(f"cluster CA rotated: new fingerprint {answer.get('fingerprint')}")
+    token = answer.get("token")
+    if token:
+        click.echo(f"join token: {token}")
+    out.echo_err(
+        "tokens and client credentials from the old CA no longer work: every node renewed its "
+        "DATA_DIR/client.yaml; issue users new ones (p2porch user create NAME --role ROLE)"
+    )
+
+
+@cli.group(cls=P2porchGroup)
+def keys() -> None:
+    """The cluster's gossip encryption keys."""
+
+
+@keys.command("rotate")
+def keys_rotate() -> None:
+    """Replace the gossip key on every live node, with no member lost on the way."""
+    answer = api().rotate_keys()
+    nodes = answer.get("nodes")
+    click.echo(
+        f"gossip key rotated: new primary key {answer.get('primary')}, "
+        f"confirmed by {nodes} live node{'s' if nodes != 1 else ''}"
+    )
+    out.echo_err("(a node that is down now takes the new key from the log when it returns)")
 
 
 # --------------------------------------------------------------------------- logs, exec, events

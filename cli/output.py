@@ -258,6 +258,19 @@ def namespaces_table(namespaces: Sequence[Any], wide: bool) -> str:
     return _rows(namespaces, columns)
 
 
+def secrets_table(secrets: Sequence[Any], wide: bool) -> str:
+    """Names, keys and users of secrets: the API never sends values, and neither do we."""
+    columns: list[tuple[str, Callable[[Any], object]]] = [
+        ("NAME", lambda s: dig(s, "name")),
+        ("NAMESPACE", lambda s: dig(s, "namespace")),
+        ("KEYS", lambda s: dig(s, "keys")),
+        ("USED BY", lambda s: dig(s, "usedBy")),
+    ]
+    if wide:
+        columns.append(("VERSION", lambda s: dig(s, "version")))
+    return _rows(secrets, columns)
+
+
 def moves_table(moves: Sequence[Any]) -> str:
     return _rows(
         moves,

@@ -503,6 +503,11 @@ class GossipService:
     def member(self, name: str) -> Member | None:
         return self.core.member(name)
 
+    @property
+    def transport_in_use(self) -> Transport | None:
+        """The running transport (None when stopped), e.g. to read a TLS wrapper's counters."""
+        return self._transport
+
     def stats(self) -> dict[str, int]:
         """The core's counters plus the shell's (bytes, bad_auth, tcp_*, events_dropped)."""
         merged = dict(self.core.stats()) if self._core is not None else {}

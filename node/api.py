@@ -52,6 +52,11 @@ if TYPE_CHECKING:
     from p2porch.node.daemon import Agent
 
 PROXY_TIMEOUT_S = 10.0
+# Calls the leader may legitimately take long over (it waits for every member to confirm each
+# step): a follower forwarding them must not give up first and report the leader unreachable.
+LONG_CALLS_TIMEOUT_S = {"/v1/keys/rotate": 120.0, "/v1/ca/rotate": 300.0}
+# Secrets live in the log and every snapshot: bounded like Kubernetes' (1 MiB).
+MAX_SECRET_BYTES = 1 << 20
 FANOUT_TIMEOUT_S = 2.0
 
 # Reachable without a client certificate: a liveness probe, and what a joiner needs before it
@@ -239,7 +244,7 @@ class Api:
                 params=request.query,
                 content=request.body,
                 headers={"content-type": request.headers.get("content-type", "application/json")},
-                timeout=PROXY_TIMEOUT_S,
+                timeout=LONG_CALLS_TIMEOUT_S.get(request.path, PROXY_TIMEOUT_S),
             )
         except httpx.HTTPError as exc:
             raise HttpError(502, "proxy_failed", f"cannot reach {address}: {exc}") from None
@@ -338,8 +343,22 @@ class Api:
                 "learners": sorted(st.membership.learners),
                 "members": counts,
                 "version": __version__,
+                # What was dropped at each boundary: refused TLS peers, bad frames, packets
+                # failing authentication (``gossip.bad_auth``), ...
+                "counters": self._counters(),
             }
         )
+
+    def _counters(self) -> dict[str, Any]:
+        raft, gossip = self.agent.raft, self.agent.gossip
+        assert raft is not None and gossip is not None
+        return {
+            "raft": attrs.asdict(raft.counters),
+            "raftTlsRefused": getattr(raft.transport, "refused", 0),
+            "gossip": gossip.stats(),
+            "gossipTlsRefused": getattr(gossip.transport_in_use, "refused", 0),
+            "api": attrs.asdict(self.server.counters),
+        }
 
     def _node_json(self, name: str) -> dict[str, Any]:
         node = self.state.nodes[name]
@@ -540,6 +559,11 @@ class Api:
                 values[str(key)] = base64.b64decode(value, validate=True)
             except ValueError:
                 raise HttpError(400, "invalid", f"data.{key}: not valid base64") from None
+        size = sum(len(k) + len(v) for k, v in values.items())
+        if size > MAX_SECRET_BYTES:
+            raise HttpError(
+                413, "too_large", f"secret of {size} bytes; at most {MAX_SECRET_BYTES} bytes"
+            )
         try:
             result = await self.agent.put_secret(ns, name, values)
         except NodeError as exc:

@@ -9,9 +9,11 @@ import pytest
 from p2porch.cli.config import (
     ConfigError,
     Credentials,
+    dump_config,
     load_config,
     parse_address,
     resolve_target,
+    target_from_config,
 )
 
 from .conftest import Cli, FakeApi
@@ -20,21 +22,19 @@ from .conftest import Cli, FakeApi
 @pytest.mark.parametrize(
     ("text", "url"),
     [
-        ("127.0.0.2", "http://127.0.0.2:7950"),
-        ("127.0.0.2:8000", "http://127.0.0.2:8000"),
-        ("node-a.example", "http://node-a.example:7950"),
+        ("127.0.0.2", "https://127.0.0.2:7950"),
+        ("127.0.0.2:8000", "https://127.0.0.2:8000"),
+        ("node-a.example", "https://node-a.example:7950"),
         ("https://127.0.0.2:9000/", "https://127.0.0.2:9000"),
-        ("[::1]:7000", "http://[::1]:7000"),
-        ("[::1]", "http://[::1]:7950"),
-        ("::1", "http://[::1]:7950"),
+        ("http://127.0.0.2:9000", "http://127.0.0.2:9000"),
+        ("[::1]:7000", "https://[::1]:7000"),
+        ("[::1]", "https://[::1]:7950"),
+        ("::1", "https://[::1]:7950"),
     ],
 )
 def test_parse_address(text: str, url: str) -> None:
+    """No scheme means https (the API speaks nothing else); an explicit one is kept."""
     assert parse_address(text) == url
-
-
-def test_parse_address_tls_scheme() -> None:
-    assert parse_address("127.0.0.2", tls=True) == "https://127.0.0.2:7950"
 
 
 @pytest.mark.parametrize("bad", ["", "127.0.0.2:0", "127.0.0.2:99999", "h:x", "ftp://h", "[::1"])
@@ -57,12 +57,17 @@ def test_resolve_precedence(tmp_path: Path) -> None:
         "apiVersion: p2porch/v1\nkind: ClientConfig\nserver: 127.0.0.5:7000\ncluster: c1\n",
     )
     env = {"P2PORCH_CONFIG": str(explicit)}
-    assert resolve_target("127.0.0.3", env, home).base_url == "http://127.0.0.3:7950"
+    by_node = resolve_target("127.0.0.3", env, home)
+    assert by_node.base_url == "https://127.0.0.3:7950"
+    assert by_node.config_path == explicit  # --node still uses the config's credentials
     target = resolve_target(None, env, home)
-    assert target.base_url == "http://127.0.0.5:7000" and target.cluster == "c1"
-    assert "P2PORCH_CONFIG" in target.source
-    assert resolve_target(None, {}, home).base_url == "http://127.0.0.4:7950"
-    assert resolve_target(None, {}, tmp_path / "nohome").base_url == "http://127.0.0.1:7950"
+    assert target.base_url == "https://127.0.0.5:7000" and target.cluster == "c1"
+    assert "P2PORCH_CONFIG" in target.source and target.config_path == explicit
+    from_home = resolve_target(None, {}, home)
+    assert from_home.base_url == "https://127.0.0.4:7950"
+    assert from_home.config_path == home / ".config/p2porch/client.yaml"
+    fallback = resolve_target(None, {}, tmp_path / "nohome")
+    assert fallback.base_url == "https://127.0.0.1:7950" and fallback.config_path is None
 
 
 def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
@@ -123,17 +128,17 @@ def _host(api: FakeApi) -> str:
 
 def test_cli_node_selection_order(run: Cli, api: FakeApi, tmp_path: Path) -> None:
     run("get", "nodes")
-    assert _host(api) == "http://127.0.0.1:7950"
+    assert _host(api) == "https://127.0.0.1:7950"
     _write(run.home / ".config/p2porch/client.yaml", "server: 127.0.0.4:7001\n")
     run("get", "nodes")
-    assert _host(api) == "http://127.0.0.4:7001"
+    assert _host(api) == "https://127.0.0.4:7001"
     explicit = _write(tmp_path / "other.yaml", "server: 127.0.0.5\n")
     run("get", "nodes", env={"P2PORCH_CONFIG": str(explicit)})
-    assert _host(api) == "http://127.0.0.5:7950"
+    assert _host(api) == "https://127.0.0.5:7950"
     run("get", "nodes", env={"P2PORCH_CONFIG": str(explicit), "P2PORCH_NODE": "127.0.0.6:7002"})
-    assert _host(api) == "http://127.0.0.6:7002"
+    assert _host(api) == "https://127.0.0.6:7002"
     run("--node", "127.0.0.7", "get", "nodes", env={"P2PORCH_NODE": "127.0.0.6:7002"})
-    assert _host(api) == "http://127.0.0.7:7950"
+    assert _host(api) == "https://127.0.0.7:7950"
 
 
 def test_cli_config_errors_exit_1(run: Cli, api: FakeApi, tmp_path: Path) -> None:
@@ -143,3 +148,20 @@ def test_cli_config_errors_exit_1(run: Cli, api: FakeApi, tmp_path: Path) -> Non
     result = run("--node", "127.0.0.2:http", "get", "nodes")
     assert result.exit_code == 1 and "bad port" in result.stderr
     assert api.requests == []
+
+
+def test_target_from_config_and_dump_round_trip(tmp_path: Path) -> None:
+    text = dump_config("127.0.0.2:7950", "c0ffee", "ca.pem", "bob.pem", "bob.key")
+    path = _write(tmp_path / "creds" / "client.yaml", text)
+    target = target_from_config(path)
+    assert target.base_url == "https://127.0.0.2:7950"
+    assert target.cluster == "c0ffee" and target.config_path == path
+    assert target.credentials == Credentials(
+        ca_file=tmp_path / "creds" / "ca.pem",
+        cert_file=tmp_path / "creds" / "bob.pem",
+        key_file=tmp_path / "creds" / "bob.key",
+    )
+    other = target_from_config(path, node="127.0.0.3:7950")
+    assert other.base_url == "https://127.0.0.3:7950" and other.credentials == target.credentials
+    with pytest.raises(ConfigError, match="no server"):
+        target_from_config(_write(tmp_path / "empty.yaml", "kind: ClientConfig\n"))

@@ -30,10 +30,26 @@ class FakeProcess:
         return None
 
 
+# What a node writes to its data dir for the local CLI (node/security.py): the API is HTTPS
+# with client certificates, so init/join reach it only with these credentials.
+CLIENT_YAML = """apiVersion: p2porch/v1
+kind: ClientConfig
+server: 127.0.0.2:7950
+cluster: c0ffee
+credentials:
+  caFile: ca.pem
+  certFile: admin.pem
+  keyFile: admin.key
+"""
+
+
 class Spawner:
-    def __init__(self, process: FakeProcess, token: str | None = "tok-file") -> None:
+    def __init__(
+        self, process: FakeProcess, token: str | None = "tok-file", client_yaml: bool = True
+    ) -> None:
         self.process = process
         self.token = token
+        self.client_yaml = client_yaml
         self.calls: list[tuple[list[str], Path, dict[str, str]]] = []
 
     def __call__(self, argv: Sequence[str], log_path: Path, env: Mapping[str, str]) -> FakeProcess:
@@ -41,6 +57,8 @@ class Spawner:
         log_path.write_text("booting\nfatal: port 7950 in use\n")
         if self.token is not None:
             (log_path.parent / "join-token").write_text(self.token + "\n")
+        if self.client_yaml:
+            (log_path.parent / "client.yaml").write_text(CLIENT_YAML)
         return self.process
 
 
@@ -91,12 +109,27 @@ def test_init_starts_agent_waits_and_prints_next_steps(
     assert "PYTHONPATH" in env
     assert (data / "agent.pid").read_text() == "4242\n"
     assert [r.url.host for r in api.requests] == ["127.0.0.2"] * 3
-    assert api.requests[0].url.port == 7950
+    assert {(r.url.scheme, r.url.port) for r in api.requests} == {("https", 7950)}
     out = result.stdout
+    config = data.resolve() / "client.yaml"
     assert "Join token: tok-file" in out
+    assert f"Admin credentials for the CLI: {config}" in out
     assert "p2porch join 127.0.0.2:7950 --token tok-file" in out
-    assert "p2porch --node 127.0.0.2:7950 get nodes" in out
+    assert f"export P2PORCH_CONFIG={config}" in out
+    assert "p2porch user create NAME" in out
     assert "pid 4242" in result.stderr
+
+
+def test_init_waits_for_the_credentials_the_agent_writes(
+    run: Cli, api: FakeApi, tmp_path: Path
+) -> None:
+    """No client.yaml, no way to reach an HTTPS-only API: the wait says which file is missing."""
+    run.runtime_overrides["spawn"] = Spawner(FakeProcess(), client_yaml=False)
+    data = tmp_path / "d"
+    result = run("init", "--data-dir", str(data), "--advertise", "127.0.0.2", "--timeout", "2")
+    assert result.exit_code == 1
+    assert f"did not write a usable {data.resolve() / 'client.yaml'} within 2s" in result.stderr
+    assert api.requests == []
 
 
 def test_init_falls_back_to_the_token_endpoint(run: Cli, api: FakeApi, tmp_path: Path) -> None:
@@ -137,7 +170,10 @@ def test_join_passes_peer_and_token(run: Cli, api: FakeApi, tmp_path: Path) -> N
     assert argv[argv.index("--token") + 1] == "T0K"
     assert argv[argv.index("--preset") + 1] == "local"
     assert "--no-runtime" in argv
-    assert "p2porch --node 127.0.0.3:7950 get nodes" in result.stdout
+    config = (tmp_path / "n2").resolve() / "client.yaml"
+    assert f"P2PORCH_CONFIG={config} p2porch get nodes" in result.stdout
+    # the joined node's own API, with the credentials it wrote (not the peer's address)
+    assert {r.url.host for r in api.requests} == {"127.0.0.3"}
 
 
 def test_agent_that_dies_shows_its_log(run: Cli, api: FakeApi, tmp_path: Path) -> None:
