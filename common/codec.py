@@ -260,11 +260,18 @@ def _decoder_for(hint: Any) -> Callable[[Any], Any]:
 
 
 def _decode_any(v: Any) -> Any:
-    """Untyped data (e.g. a JSON-like document): lists become tuples, nothing else changes."""
-    if type(v) is list:
+    """Untyped data (e.g. a JSON-like document): lists become tuples, nothing else changes.
+
+    msgpack extension values (``ExtType``, ``Timestamp``) are refused: the encoder never
+    writes them, so a value holding one could not be encoded (stored, forwarded) again.
+    """
+    cls = type(v)
+    if cls is list:
         return tuple(_decode_any(x) for x in v)
-    if type(v) is dict:
+    if cls is dict:
         return {_decode_any(k): _decode_any(x) for k, x in v.items()}
+    if cls is msgpack.ExtType or cls is msgpack.Timestamp:
+        raise _fail("a plain msgpack value", v)
     return v
 
 

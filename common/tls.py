@@ -100,6 +100,9 @@ class TlsMaterial:
         where a joiner without a certificate yet and a bare liveness probe may connect)."""
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_3
+        # No session tickets: nothing resumes sessions, and a Raft client that never reads
+        # them would close its link with unread data (a TCP reset instead of a clean close).
+        context.num_tickets = 0
         context.verify_mode = ssl.CERT_REQUIRED if client_cert == "required" else ssl.CERT_OPTIONAL
         self._load(context)
         return context

@@ -12,6 +12,13 @@ Usage::
 
 It prints ``READY <raft address> <client address>`` on stdout once both ports listen.
 
+``--tls DIR`` puts Raft peer traffic under mutual TLS 1.3 (``DIR`` holds ``ca.pem``,
+``<id>.pem`` and ``<id>.key``; a peer must present a node certificate from that CA naming one
+of ``--peers``). The client protocol port stays plain TCP: it is this test process's own
+harness, not the product's API (which has its own TLS). Make such a directory with::
+
+    python -m p2porch.consensus.node_main make-tls DIR a=127.0.0.2 b=127.0.0.3 c=127.0.0.4
+
 Client protocol (same framing as the Raft transport, codec tags 70-79): a client sends
 :class:`KvRequest` (a :class:`~p2porch.consensus.kv.KvCommand` through the log) or
 :class:`KvReadRequest` (a linearizable ReadIndex read of one key) or :class:`KvStatusRequest`;
@@ -38,8 +45,9 @@ from pathlib import Path
 import attrs
 import trio
 
-from p2porch.common import codec
+from p2porch.common import codec, pki
 from p2porch.common.errors import CodecError
+from p2porch.common.tls import TlsContexts, TlsError, TlsMaterial, require_role
 from p2porch.consensus.errors import NotLeader, ProposalDropped
 from p2porch.consensus.kv import (
     KvCas,
@@ -64,6 +72,7 @@ from p2porch.consensus.transport import (
     FrameError,
     FrameReader,
     TcpTransport,
+    TlsTransport,
     Transport,
     TransportError,
     encode_frame,
@@ -77,6 +86,7 @@ __all__ = [
     "KvStatusRequest",
     "LocalCluster",
     "main",
+    "write_tls_dir",
 ]
 
 log = logging.getLogger("p2porch.consensus.node_main")
@@ -378,7 +388,9 @@ class LocalCluster:
         snapshot_every: int = 10_000,
         log_level: str = "WARNING",
         extra_args: Sequence[str] = (),
+        tls: bool = False,
     ) -> None:
+        """``tls``: Raft peer traffic over mutual TLS (certificates made in ``root/tls``)."""
         if len(ids) != len(hosts):
             raise ValueError("one host per node id")
         self.root = root
@@ -390,6 +402,12 @@ class LocalCluster:
         self.snapshot_every = snapshot_every
         self.log_level = log_level
         self.extra_args = tuple(extra_args)
+        if tls:
+            self.tls_dir: Path | None = root / "tls"
+            write_tls_dir(self.tls_dir, dict(zip(ids, hosts, strict=True)))
+            self.extra_args += ("--tls", str(self.tls_dir))
+        else:
+            self.tls_dir = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.starts = 0
 
@@ -499,8 +517,75 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="leader sends AppendEntries before its own fsync (Raft thesis 10.2.1)",
     )
+    parser.add_argument(
+        "--tls",
+        metavar="DIR",
+        help="mutual TLS for Raft peer traffic: DIR holds ca.pem, <id>.pem, <id>.key "
+        "(the client port stays plain)",
+    )
     parser.add_argument("--log-level", default="WARNING")
     return parser
+
+
+def write_tls_dir(directory: Path, nodes: dict[str, str]) -> None:
+    """A throw-away cluster CA and one node certificate per ``{id: host}`` (SAN = host).
+
+    For tests and benchmarks only: the CA key is not kept (nothing more can be issued), and
+    node keys are written 0600.
+    """
+    now = pki.utcnow()
+    ca = pki.CertificateAuthority.create("node-main", now)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.pem").write_bytes(pki.cert_pem(ca.cert))
+    for node_id, host in nodes.items():
+        key = pki.generate_key()
+        cert = ca.issue(key.public_key(), node_id, pki.ROLE_NODE, now, addresses=(host,))
+        key_path = directory / f"{node_id}.key"
+        key_path.touch(mode=0o600)
+        key_path.write_bytes(pki.key_pem(key))
+        (directory / f"{node_id}.pem").write_bytes(pki.cert_pem(cert))
+
+
+def _make_tls_main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m p2porch.consensus.node_main make-tls",
+        description="write ca.pem and <id>.pem/<id>.key for each node into DIR",
+    )
+    parser.add_argument("dir", type=Path)
+    parser.add_argument("nodes", nargs="+", metavar="ID=HOST")
+    args = parser.parse_args(argv)
+    nodes: dict[str, str] = {}
+    for item in args.nodes:
+        node_id, sep, host = item.partition("=")
+        if not sep or not node_id or not host:
+            parser.error(f"expected ID=HOST, got {item!r}")
+        nodes[node_id] = host
+    try:
+        write_tls_dir(args.dir, nodes)
+    except (OSError, pki.PkiError) as exc:
+        print(f"make-tls: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dir}/ca.pem and certificates for {', '.join(nodes)}")
+    return 0
+
+
+def peer_transport(args: argparse.Namespace) -> Transport:
+    """Plain TCP, or (``--tls``) mutual TLS admitting only node certificates of our peers."""
+    if not args.tls:
+        return TcpTransport()
+    where = Path(args.tls)
+    material = TlsMaterial.from_files(
+        where / "ca.pem", where / f"{args.id}.pem", where / f"{args.id}.key"
+    )
+    members = frozenset(args.peers) | {args.id}
+    nodes_only = require_role(pki.ROLE_NODE)
+
+    def authorize(peer: pki.PeerIdentity) -> str | None:
+        if peer.name not in members:
+            return f"{peer.name} is not one of the configured peers"
+        return nodes_only(peer)
+
+    return TlsTransport(TcpTransport(), TlsContexts.build(material), authorize)
 
 
 async def run_node(args: argparse.Namespace) -> None:
@@ -519,7 +604,7 @@ async def run_node(args: argparse.Namespace) -> None:
         config=config,
         storage=storage,
         state_machine=machine,
-        transport=TcpTransport(),
+        transport=peer_transport(args),
         listen=args.listen,
         peers=args.peers,
         bootstrap=Membership(voters) if voters else None,
@@ -555,6 +640,9 @@ def _first_leaf(exc: BaseException) -> BaseException:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["make-tls"]:
+        return _make_tls_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
@@ -565,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* StorageError as group:
         print(f"FATAL storage error: {_first_leaf(group)}", file=sys.stderr, flush=True)
         code = 3
-    except* TransportError as group:
+    except* (TransportError, TlsError, pki.PkiError) as group:
         print(f"FATAL: {_first_leaf(group)}", file=sys.stderr, flush=True)
         code = 2
     return code

@@ -13,20 +13,17 @@ caller drops the connection and counts it; nothing a peer sends can crash the no
 
 from __future__ import annotations
 
+import contextlib
+import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
+from cryptography import x509
 
-from p2porch.common.tls import (
-    HANDSHAKE_TIMEOUT_S,
-    Authorizer,
-    TlsContexts,
-    TlsError,
-    client_handshake,
-    server_handshake,
-)
+from p2porch.common.pki import PeerIdentity, PkiError, identity_of
+from p2porch.common.tls import HANDSHAKE_TIMEOUT_S, Authorizer, TlsContexts, TlsError
 from p2porch.consensus.errors import ConsensusError
 
 __all__ = [
@@ -36,6 +33,7 @@ __all__ = [
     "MemoryNetwork",
     "StreamHandler",
     "TcpTransport",
+    "TlsStream",
     "TlsTransport",
     "Transport",
     "TransportError",
@@ -171,13 +169,250 @@ class TcpTransport:
         await trio.serve_listeners(guarded, listeners)
 
 
+# How much ciphertext one read takes from the socket: a few full TLS records (16 KiB each).
+_TLS_READ_BYTES = 64 << 10
+
+
+class TlsStream(trio.abc.Stream):
+    """TLS over a byte stream through ``ssl`` memory BIOs: the streams :class:`TlsTransport`
+    hands out.
+
+    Why not ``trio.SSLStream``: every Raft message crosses this layer, and SSLStream's general
+    machinery (a retry loop per call, a lock that yields to the scheduler on every send, a
+    failed read before every successful one) added ~70 us of CPU per message round trip over
+    plain TCP on the build machine (4 TLS calls, 400-byte frames), against ~25 us here -- most
+    of what TLS added to Raft's commit latency (issue 5's target; figures in
+    benchmarks/README.md). It can be this small because it offers only what a framed protocol
+    needs: one sending task and one receiving task at a time (the two may run concurrently),
+    TLS 1.3 (no renegotiation), close_notify on close. On the wire it is plain TLS: it
+    interoperates with ``trio.SSLStream`` and any other TLS peer.
+
+    Errors follow trio's conventions: an ``ssl`` failure or a broken transport raises
+    :class:`trio.BrokenResourceError` (the ``ssl`` error as its cause); the peer's close_notify
+    is an end of stream (``b""``); the transport closing without one is a broken stream.
+    """
+
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        server_hostname: str | None = None,
+    ) -> None:
+        self.transport_stream = transport_stream
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=server_hostname
+        )
+        # Both send_all and receive_some (a post-handshake reply) may flush the TLS engine's
+        # output; the lock keeps those bytes in order.
+        self._flush_lock = trio.StrictFIFOLock()
+        self._sending = False
+        self._receiving = False
+        self._handshook = False
+        self._broken = False
+        # The verified peer's name once a server-side handshake accepted it: the Raft shell
+        # refuses a message whose claimed sender is someone else.
+        self.peer_name: str | None = None
+        self._peer_closed = False
+        self._closed = False
+
+    async def do_handshake(self) -> None:
+        """Run the TLS handshake to completion (call once, before sending or receiving)."""
+        self._check_usable()
+        try:
+            while True:
+                try:
+                    self._ssl.do_handshake()
+                    done = True
+                except ssl.SSLWantReadError:
+                    done = False
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    raise trio.BrokenResourceError from exc
+                await self._flush()
+                if done:
+                    self._handshook = True
+                    return
+                await self._fill()
+        except BaseException:
+            self._broken = True
+            raise
+
+    def peer_certificate_der(self) -> bytes | None:
+        """The peer's certificate (DER) as verified in the handshake; None if it sent none."""
+        return self._ssl.getpeercert(binary_form=True)
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this TLS stream")
+        self._check_usable()
+        self._sending = True
+        try:
+            if data:
+                try:
+                    self._ssl.write(data)
+                except (ssl.SSLError, ssl.CertificateError) as exc:
+                    raise trio.BrokenResourceError from exc
+            if self._outgoing.pending:
+                await self._flush()
+            else:
+                await trio.lowlevel.checkpoint()
+        except BaseException:
+            # Records may be half sent (or cancelled mid-way): nothing may follow them.
+            self._broken = True
+            raise
+        finally:
+            self._sending = False
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this TLS stream")
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        self._check_usable()
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while not self._peer_closed:
+                # Only ask the engine when it can have something: a read that fails costs an
+                # exception, and the common case is "nothing buffered, wait for the socket".
+                if self._incoming.pending or self._ssl.pending() or self._incoming.eof:
+                    data = self._read(max_bytes or _TLS_READ_BYTES)
+                    if data:
+                        if self._outgoing.pending:  # e.g. the answer to a KeyUpdate
+                            await self._flush()
+                        return data
+                    if data is not None:  # b"": the peer's close_notify
+                        break
+                await self._fill()
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return b""
+        except trio.Cancelled:
+            raise  # cancelled while waiting for the socket: nothing half-done, still usable
+        except BaseException:
+            self._broken = True
+            raise
+        finally:
+            self._receiving = False
+
+    async def aclose(self) -> None:
+        """Send close_notify (without waiting for the peer's) and close the transport."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if self._handshook and not self._broken:
+                with contextlib.suppress(ssl.SSLError):
+                    self._ssl.unwrap()  # queues close_notify; wants the peer's, which we skip
+                with contextlib.suppress(
+                    trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
+                ):
+                    data = self._outgoing.read()
+                    if data:
+                        await self.transport_stream.send_all(data)
+        finally:
+            await self.transport_stream.aclose()
+
+    def _read(self, max_bytes: int) -> bytes | None:
+        """Decrypted bytes; None if the engine needs more input; b"" at the peer's
+        close_notify (which ``ssl`` reports either way, as b"" or SSLZeroReturnError)."""
+        try:
+            data = self._ssl.read(max_bytes)
+        except ssl.SSLWantReadError:
+            return None
+        except ssl.SSLZeroReturnError:
+            data = b""
+        except (ssl.SSLError, ssl.CertificateError) as exc:
+            raise trio.BrokenResourceError from exc
+        if not data:
+            self._peer_closed = True
+        return data
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("this TLS stream was closed")
+        if self._broken:
+            raise trio.BrokenResourceError("this TLS stream broke earlier")
+
+    async def _fill(self) -> None:
+        data = await self.transport_stream.receive_some(_TLS_READ_BYTES)
+        if data:
+            self._incoming.write(data)
+        else:
+            self._incoming.write_eof()
+
+    async def _flush(self) -> None:
+        if not self._outgoing.pending:
+            return
+        if self._flush_lock.locked():
+            async with self._flush_lock:
+                await self._send_outgoing()
+            return
+        # Uncontended (always, for Raft's one-way links): take the lock without the scheduler
+        # round trip ``async with`` costs.
+        self._flush_lock.acquire_nowait()
+        try:
+            await self._send_outgoing()
+        finally:
+            self._flush_lock.release()
+
+    async def _send_outgoing(self) -> None:
+        data = self._outgoing.read()  # read under the lock: bytes leave in the engine's order
+        if data:
+            try:
+                await self.transport_stream.send_all(data)
+            except BaseException:
+                self._broken = True  # records may be half sent: nothing may follow them
+                raise
+
+
+def _describe(exc: BaseException) -> str:
+    """trio-style errors hide the ``ssl`` reason in their cause: show that."""
+    shown = exc.__cause__ if exc.__cause__ is not None else exc
+    return str(shown) or repr(shown)
+
+
+class AuthenticatedStream(trio.abc.Stream):
+    """A TLS stream that carries the verified peer's name (``peer_name``), so the Raft shell
+    can refuse a message whose claimed sender is not the certificate's holder."""
+
+    def __init__(self, inner: trio.abc.Stream, peer_name: str) -> None:
+        self.inner = inner
+        self.peer_name = peer_name
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 class TlsTransport:
     """Mutual TLS 1.3 over another transport (normally :class:`TcpTransport`).
 
     Both ends present a certificate from the cluster CA; ``authorize`` then judges the peer's
     identity (the node layer: "a node of this cluster that was not removed"). A refused or
     failed handshake on the serving side is counted in ``refused`` and the stream dropped.
-    ``handshake_timeout_s`` bounds how long a peer that says nothing can hold a task.
+    ``handshake_timeout_s`` bounds how long a peer that says nothing can hold a task. The
+    contexts are read at every handshake, so a renewed certificate applies to new links.
+
+    Streams are :class:`TlsStream` (same checks and messages as
+    :func:`p2porch.common.tls.client_handshake` / ``server_handshake``, less CPU per message).
     """
 
     def __init__(
@@ -196,12 +431,13 @@ class TlsTransport:
 
     async def connect(self, address: str) -> trio.abc.Stream:
         stream = await self.inner.connect(address)
+        host = parse_address(address)[0].strip("[]")
+        tls = TlsStream(stream, self.contexts.client, server_side=False, server_hostname=host)
         try:
-            return await client_handshake(
-                stream, self.contexts.client, address, self.authorize, self.handshake_timeout_s
-            )
+            await self._secure(tls, f"TLS with {address}", address)
         except TlsError as exc:
             raise TransportError(str(exc)) from exc
+        return tls
 
     async def serve(
         self,
@@ -211,16 +447,49 @@ class TlsTransport:
         task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         async def secured(stream: trio.abc.Stream) -> None:
+            tls = TlsStream(stream, self.contexts.server, server_side=True)
             try:
-                tls, _peer = await server_handshake(
-                    stream, self.contexts.server, self.authorize, self.handshake_timeout_s
-                )
+                peer = await self._secure(tls, "TLS handshake", None)
             except TlsError:
                 self.refused += 1
                 return
+            tls.peer_name = peer.name
             await handler(tls)
 
         await self.inner.serve(address, secured, task_status=task_status)
+
+    async def _secure(self, tls: TlsStream, what: str, address: str | None) -> PeerIdentity:
+        """Handshake and judge the peer; on any failure close the stream (TlsError says why)."""
+        try:
+            return await self._handshake_and_judge(tls, what, address)
+        except BaseException:
+            await trio.aclose_forcefully(tls)
+            raise
+
+    async def _handshake_and_judge(
+        self, tls: TlsStream, what: str, address: str | None
+    ) -> PeerIdentity:
+        try:
+            with trio.fail_after(self.handshake_timeout_s):
+                await tls.do_handshake()
+        except trio.TooSlowError as exc:
+            raise TlsError(
+                f"{what} failed: no handshake within {self.handshake_timeout_s}s"
+            ) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise TlsError(f"{what} failed: {_describe(exc)}") from exc
+        der = tls.peer_certificate_der()
+        if der is None:  # the server context requires one: ssl refuses first
+            raise TlsError(f"{what} refused: the peer sent no certificate")
+        try:
+            peer = identity_of(x509.load_der_x509_certificate(der))
+        except (ValueError, PkiError) as exc:
+            raise TlsError(f"{what}: peer certificate unreadable: {exc}") from exc
+        reason = self.authorize(peer)
+        if reason is not None:
+            who = address if address is not None else f"peer {peer.name}"
+            raise TlsError(f"{who} refused: {reason}")
+        return peer
 
 
 class MemoryNetwork:
