@@ -267,6 +267,10 @@ _DAEMON_FLAGS: tuple[tuple[str, str, str], ...] = (
 _INT_FLAGS = {"api_port", "raft_port", "gossip_port"}
 
 
+# How `join` hands the token to the agent it starts (never on its command line).
+TOKEN_ENV = "P2PORCH_JOIN_TOKEN"
+
+
 def _daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option(
         "--no-runtime",
@@ -301,9 +305,10 @@ def _daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
 def _agent_argv(opts: Mapping[str, Any]) -> list[str]:
     """The ``p2porch agent`` flags that reproduce ``opts`` (only those given)."""
     argv = ["--data-dir", str(opts["data_dir"]), "--advertise", str(opts["advertise"])]
-    for key in ("join", "token"):
-        if opts.get(key) is not None:
-            argv += [f"--{key}", str(opts[key])]
+    # Never the token: a command line is world-readable (ps, /proc/PID/cmdline); it travels
+    # in the environment instead (see _start_agent), which only the owner can read.
+    if opts.get("join") is not None:
+        argv += ["--join", str(opts["join"])]
     for flag, param, _ in _DAEMON_FLAGS:
         if opts.get(param) is not None:
             argv += [flag, str(opts[param])]
@@ -357,7 +362,11 @@ def _agent_options_kwargs(opts: Mapping[str, Any], accepted: Sequence[str]) -> d
 @cli.command()
 @_daemon_options
 @click.option("--join", "join", metavar="PEER", help="Join the cluster PEER (ADDR[:PORT]) is in.")
-@click.option("--token", help="Join token (print it on any member: p2porch token).")
+@click.option(
+    "--token",
+    envvar=TOKEN_ENV,
+    help=f"Join token (print it on any member: p2porch token); or ${TOKEN_ENV}.",
+)
 def agent(**opts: Any) -> None:
     """Run the node daemon in the foreground (what systemd runs)."""
     if opts.get("join") is not None and opts.get("token") is None:
@@ -412,6 +421,9 @@ def _start_agent(opts: dict[str, Any], timeout_s: float) -> tuple[Target, Path]:
     # The child must import the same p2porch as this process, wherever it was started from.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    env.pop(TOKEN_ENV, None)
+    if opts.get("token") is not None:
+        env[TOKEN_ENV] = str(opts["token"])
     try:
         process = rt.spawn(argv, log_path, env)
     except OSError as exc:

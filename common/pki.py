@@ -31,7 +31,7 @@ import secrets
 
 import attrs
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -327,12 +327,17 @@ class CertificateAuthority:
             csr = x509.load_pem_x509_csr(csr_data)
         except ValueError as exc:
             raise PkiError(f"not a PEM certificate request: {exc}") from exc
-        if not csr.is_signature_valid:
+        try:
+            # Both parse the key lazily: an unknown key type or curve raises here.
+            signed = csr.is_signature_valid
+            public_key = csr.public_key()
+        except (ValueError, UnsupportedAlgorithm) as exc:
+            raise PkiError(f"unusable certificate request: {exc}") from exc
+        if not signed:
             raise PkiError("the certificate request's signature is invalid")
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if len(cns) != 1:
             raise PkiError("the certificate request must name exactly one CN")
-        public_key = csr.public_key()
         if not isinstance(public_key, ec.EllipticCurvePublicKey):
             raise PkiError("only ECDSA keys are accepted")
         return self.issue(public_key, str(cns[0].value), role, now, addresses=addresses)

@@ -274,13 +274,21 @@ class UdpTcpTransport:
         self, handler: StreamHandler, limit: int, on_reject: Callable[[], None]
     ) -> None:
         active = 0
+        # One source address may hold only a share of the slots: a member needs one or two
+        # at a time (a push-pull, a TCP ping), while a stranger sending nothing (or half a
+        # TLS handshake) must not be able to take them all and lock every member out.
+        per_host_limit = max(1, limit // 4)
+        per_host: dict[str, int] = {}
 
-        async def run_one(stream: trio.SocketStream, peer: str) -> None:
+        async def run_one(stream: trio.SocketStream, peer: str, host: str) -> None:
             nonlocal active
             try:
                 await handler(stream, peer)
             finally:
                 active -= 1
+                per_host[host] -= 1
+                if not per_host[host]:
+                    del per_host[host]
                 with suppress(trio.BrokenResourceError, OSError):
                     await stream.aclose()
 
@@ -302,8 +310,13 @@ class UdpTcpTransport:
                 except OSError:
                     await trio.aclose_forcefully(stream)
                     continue
+                if per_host.get(peer_host, 0) >= per_host_limit:
+                    on_reject()
+                    await trio.aclose_forcefully(stream)
+                    continue
                 active += 1
-                nursery.start_soon(run_one, stream, format_addr(peer_host, peer_port))
+                per_host[peer_host] = per_host.get(peer_host, 0) + 1
+                nursery.start_soon(run_one, stream, format_addr(peer_host, peer_port), peer_host)
 
     async def aclose(self) -> None:
         self._udp.close()

@@ -593,6 +593,8 @@ class Api:
             return Response.json(await self.agent.admit(body))
         except PermissionError as exc:
             raise HttpError(403, "forbidden", str(exc)) from None
+        except TimeoutError as exc:
+            raise HttpError(503, "unavailable", str(exc)) from None
         except FileExistsError as exc:
             raise HttpError(409, "conflict", str(exc)) from None
         except ValueError as exc:

@@ -57,6 +57,7 @@ from p2porch.node.api import Api, to_json
 from p2porch.node.errors import NodeError
 from p2porch.node.scheduler import NodeStatus, schedule
 from p2porch.node.security import (
+    CLUSTER_MATERIAL,
     NodeSecurity,
     SecurityError,
     api_authorizer,
@@ -96,6 +97,7 @@ CATCH_UP_ENTRIES = 64
 CAUGHT_UP_HOLD_S = 1.0
 # Period of the leader's timed scheduling/membership pass (changes trigger it at once).
 LEADER_PASS_S = 2.0
+REMOVED_MARKER = "removed"
 # How long an outbound HTTP client replaced on certificate renewal lives on for in-flight calls.
 PROXY_CLOSE_DELAY_S = 60.0
 
@@ -385,7 +387,7 @@ class Agent:
         """``DIR/client.yaml`` with an admin certificate, for the CLI on this machine."""
         assert self.identity is not None and self.security is not None
         self.security.write_admin_client(
-            self.identity.api_address, self.identity.cluster, pki.utcnow()
+            self.identity.api_address, self.identity.cluster, pki.utcnow(), self.identity.name
         )
 
     def my_record(self) -> NodeRecord:
@@ -440,7 +442,16 @@ class Agent:
                 async with outbound_http(self.options.advertise, context, 15.0) as client:
                     resp = await client.post(f"https://{peer}/v1/join", json=body)
             except httpx.HTTPError as exc:
-                last = f"cannot reach {peer}: {exc or type(exc).__name__}"
+                cause = _root_cause(exc)
+                if isinstance(cause, ssl.SSLCertVerificationError):
+                    # The CA pinned by the token did not issue this server's certificate (for
+                    # a node): whoever answers is not a member. Nothing was sent; stop here.
+                    raise AgentError(
+                        f"{peer} answered the join call with a certificate the token's CA did "
+                        f"not issue to a node ({cause.verify_message}): a different cluster, "
+                        "or a man in the middle. Nothing was sent."
+                    ) from exc
+                last = f"cannot reach {peer}: {str(cause) or type(cause).__name__}"
             else:
                 if resp.status_code == 200:
                     answer: dict[str, Any] = resp.json()
@@ -519,6 +530,12 @@ class Agent:
             _write_private(paths["token"], f"{token}\n")
             peers = {}
         else:
+            if (self.data_dir / REMOVED_MARKER).exists():
+                raise AgentError(
+                    f"node {identity.name} was removed from its cluster and {self.data_dir} "
+                    "no longer holds the cluster's keys: start with an empty data dir and "
+                    "join under a new name"
+                )
             if not NodeSecurity.exists(self.data_dir):
                 raise AgentError(
                     f"{self.data_dir} has no certificates (made by a p2porch without mutual "
@@ -723,6 +740,9 @@ class Agent:
             try:
                 self._save_peers()
                 self._sync_security_state()
+                me = self.state.nodes.get(self.name)
+                if me is not None and me.removed:
+                    self._forget_cluster_material()
             except OSError as exc:
                 log.warning("cannot save peers.json or keys: %s", exc)
             if self.reconciler is not None:
@@ -734,6 +754,21 @@ class Agent:
                 apps = [self.state.apps[k] for k in sorted(keys) if k in self.state.apps]
                 self.reconciler.set_desired(placements, apps)
             await changed.wait()
+
+    def _forget_cluster_material(self) -> None:
+        """This node was removed: delete what lets its data dir act for the cluster (the CA
+        and data keys, the admin credentials, the gossip keys, the join token) and mark the
+        dir, so a restart says why it cannot serve instead of limping on."""
+        marker = self.data_dir / REMOVED_MARKER
+        if marker.exists():
+            return
+        files = NodeSecurity.paths(self.data_dir)
+        for key in CLUSTER_MATERIAL:
+            files[key].unlink(missing_ok=True)
+        self._paths()["keys"].unlink(missing_ok=True)
+        self._paths()["token"].unlink(missing_ok=True)
+        _write_private(marker, "removed from the cluster; this data dir cannot serve again\n")
+        log.info("removed from the cluster: deleted the cluster's keys from %s", self.data_dir)
 
     def live_view(self) -> dict[str, NodeStatus]:
         """Gossip's view of every node, as the scheduler needs it."""
@@ -892,7 +927,7 @@ class Agent:
         secret = body.get("secret")
         current = self._token_secret()
         if current is None:
-            raise PermissionError("this cluster has no join token yet; retry in a moment")
+            raise TimeoutError("this cluster has no join token yet; retry in a moment")
         secret_now, expires_at = current
         if not isinstance(secret, str) or not hmac.compare_digest(
             pki.secret_digest(secret), pki.secret_digest(secret_now)
@@ -924,6 +959,10 @@ class Agent:
                 f"the record {record.name!r}"
             )
         record = attrs.evolve(record, cert_key=identity.key_id)
+        try:  # refuse what the log cannot hold before Raft hears of the node
+            encode_command(PutNode(record))
+        except (CodecError, OverflowError, ValueError, TypeError) as exc:
+            raise ValueError(f"join request: unusable node record: {exc}") from exc
         status = self.raft.status()
         if record.name not in status.membership.members:
             await self.raft.add_learner(record.name, record.raft_address, timeout_s=10)
@@ -1332,6 +1371,13 @@ class SecretValues:
     items: tuple[tuple[str, bytes], ...]
 
 
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception: httpx and trio wrap an ssl failure without its message."""
+    while (inner := exc.__cause__ or exc.__context__) is not None:
+        exc = inner
+    return exc
+
+
 def _record_json(node: NodeRecord) -> dict[str, Any]:
     return {
         "name": node.name,
@@ -1345,21 +1391,30 @@ def _record_json(node: NodeRecord) -> dict[str, Any]:
     }
 
 
+# Capacities travel as msgpack integers: signed 64-bit at most.
+_MAX_CAPACITY = 2**63 - 1
+
+
 def _record_from_json(body: dict[str, Any]) -> NodeRecord:
     try:
         labels = body.get("labels") or {}
-        return NodeRecord(
+        cpu = int(body.get("cpuMillicores") or 0)
+        memory = int(body.get("memoryBytes") or 0)
+        record = NodeRecord(
             name=str(body["name"]),
             address=str(body["address"]),
             api_address=str(body["apiAddress"]),
             raft_address=str(body["raftAddress"]),
             gossip_address=str(body["gossipAddress"]),
             labels=tuple(sorted((str(k), str(v)) for k, v in dict(labels).items())),
-            cpu_millicores=int(body.get("cpuMillicores") or 0),
-            memory_bytes=int(body.get("memoryBytes") or 0),
+            cpu_millicores=cpu,
+            memory_bytes=memory,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, OverflowError) as exc:  # Overflow: int(1e400)
         raise ValueError(f"join request: missing or bad field {exc}") from exc
+    if not (0 <= cpu <= _MAX_CAPACITY and 0 <= memory <= _MAX_CAPACITY):
+        raise ValueError("join request: cpuMillicores and memoryBytes must be 0 .. 2**63-1")
+    return record
 
 
 class EventLog:

@@ -70,7 +70,8 @@ class Request:
             return {}
         try:
             return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:
+            # RecursionError: a body nested deeper than the parser's stack (``[[[[...``).
             raise HttpError(400, "invalid", f"request body is not JSON: {exc}") from None
 
     def flag(self, name: str) -> bool:

@@ -30,20 +30,27 @@ from yaml.constructor import SafeConstructor
 
 from .errors import ManifestError, ManifestProblem, SpecError
 from .spec import (
+    MAX_PROBE_INITIAL_DELAY_S,
+    MAX_PROBE_PERIOD_S,
+    MAX_PROBE_THRESHOLD,
     MAX_REPLICAS,
     MAX_STOP_GRACE_S,
     App,
     AppSpec,
     BindMount,
     EnvVar,
+    ExecAction,
+    HttpGetAction,
     Namespace,
     ObjectMeta,
     PlacementConstraint,
     PortSpec,
+    Probe,
     Protocol,
     Resources,
     RestartPolicy,
     RestartPolicyKind,
+    TcpSocketAction,
     VolumeMount,
 )
 
@@ -392,6 +399,16 @@ _MANIFEST_NAMES: dict[str, str] = {
     "cpu_limit_millicores": "limits.cpu",
     "memory_request_bytes": "requests.memory",
     "memory_limit_bytes": "limits.memory",
+    "liveness": "livenessProbe",
+    "readiness": "readinessProbe",
+    "startup": "startupProbe",
+    "http_get": "httpGet",
+    "tcp": "tcpSocket",
+    "initial_delay_s": "initialDelaySeconds",
+    "period_s": "periodSeconds",
+    "timeout_s": "timeoutSeconds",
+    "failure_threshold": "failureThreshold",
+    "success_threshold": "successThreshold",
 }
 
 
@@ -413,6 +430,24 @@ _SPEC_FIELDS = (
     "volumes",
     "stopGracePeriodSeconds",
     "secrets",
+    "livenessProbe",
+    "readinessProbe",
+    "startupProbe",
+)
+# Manifest probe key -> AppSpec field.
+_PROBE_KEYS = (
+    ("livenessProbe", "liveness"),
+    ("readinessProbe", "readiness"),
+    ("startupProbe", "startup"),
+)
+_PROBE_ACTIONS = ("httpGet", "tcpSocket", "exec")
+# Manifest name, Probe field, lowest, highest.
+_PROBE_NUMBERS = (
+    ("initialDelaySeconds", "initial_delay_s", 0, MAX_PROBE_INITIAL_DELAY_S),
+    ("periodSeconds", "period_s", 1, MAX_PROBE_PERIOD_S),
+    ("timeoutSeconds", "timeout_s", 1, MAX_PROBE_PERIOD_S),
+    ("failureThreshold", "failure_threshold", 1, MAX_PROBE_THRESHOLD),
+    ("successThreshold", "success_threshold", 1, MAX_PROBE_THRESHOLD),
 )
 _RESTART_VALUES = {
     "always": RestartPolicyKind.ALWAYS,
@@ -563,6 +598,9 @@ def _parse_spec(doc: _Document, node: yaml.Node) -> AppSpec | _Bad:
         )
     if "secrets" in fields:
         take("secrets", doc.items(fields["secrets"], "spec.secrets", doc.string))
+    for key, name in _PROBE_KEYS:
+        if key in fields:
+            take(name, _parse_probe(doc, fields[key], f"spec.{key}"))
     if not ok or "image" not in kwargs:
         return BAD
     return doc.build(lambda: AppSpec(**kwargs), "spec", node)
@@ -745,6 +783,71 @@ def _parse_volume(doc: _Document, node: yaml.Node, path: str) -> BindMount | Vol
         path,
         node,
     )
+
+
+def _parse_probe(doc: _Document, node: yaml.Node, path: str) -> Probe | _Bad:
+    fields = doc.mapping(node, path, (*_PROBE_ACTIONS, *(n[0] for n in _PROBE_NUMBERS)))
+    if isinstance(fields, _Bad):
+        return BAD
+    ok = True
+    given = [key for key in _PROBE_ACTIONS if key in fields]
+    if len(given) != 1:
+        doc.problem(
+            node,
+            path,
+            "give exactly one of httpGet, tcpSocket or exec"
+            + (f" (got {' and '.join(given)})" if given else ""),
+        )
+        ok = False
+    kwargs: dict[str, Any] = {}
+    for key, name, lo, hi in _PROBE_NUMBERS:
+        if key in fields:
+            value = doc.integer(fields[key], _join(path, key), lo, hi)
+            if isinstance(value, _Bad):
+                ok = False
+            else:
+                kwargs[name] = value
+    for key in given:
+        action = _parse_probe_action(doc, key, fields[key], _join(path, key))
+        if isinstance(action, _Bad):
+            ok = False
+        elif isinstance(action, HttpGetAction):
+            kwargs["http_get"] = action
+        elif isinstance(action, TcpSocketAction):
+            kwargs["tcp"] = action
+        else:
+            kwargs["exec"] = action
+    if not ok:
+        return BAD
+    return doc.build(lambda: Probe(**kwargs), path, node)
+
+
+def _parse_probe_action(
+    doc: _Document, key: str, node: yaml.Node, path: str
+) -> HttpGetAction | TcpSocketAction | ExecAction | _Bad:
+    if key == "exec":
+        fields = doc.mapping(node, path, ("command",), required=("command",))
+        if isinstance(fields, _Bad) or "command" not in fields:
+            return BAD
+        command = doc.items(fields["command"], _join(path, "command"), doc.text)
+        if isinstance(command, _Bad):
+            return BAD
+        return doc.build(lambda: ExecAction(command=command), path, node)
+    known = ("path", "port") if key == "httpGet" else ("port",)
+    fields = doc.mapping(node, path, known, required=("port",))
+    if isinstance(fields, _Bad) or "port" not in fields:
+        return BAD
+    port = doc.integer(fields["port"], _join(path, "port"), 1, 65535)
+    if key == "tcpSocket":
+        if isinstance(port, _Bad):
+            return BAD
+        return doc.build(lambda: TcpSocketAction(port=port), path, node)
+    http_path: str | _Bad = "/"
+    if "path" in fields:
+        http_path = doc.string(fields["path"], _join(path, "path"))
+    if isinstance(port, _Bad) or isinstance(http_path, _Bad):
+        return BAD
+    return doc.build(lambda: HttpGetAction(port=port, path=http_path), path, node)
 
 
 # --------------------------------------------------------------------------- entry points
@@ -968,7 +1071,25 @@ def to_manifest(obj: Manifest) -> dict[str, Any]:
     out["stopGracePeriodSeconds"] = spec.stop_grace_s
     if spec.secrets:
         out["secrets"] = list(spec.secrets)
+    for key, name in _PROBE_KEYS:
+        probe = getattr(spec, name)
+        if probe is not None:
+            out[key] = _probe_manifest(probe)
     return {"apiVersion": API_VERSION, "kind": "App", "metadata": app_meta, "spec": out}
+
+
+def _probe_manifest(probe: Probe) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    action = probe.action
+    if isinstance(action, HttpGetAction):
+        out["httpGet"] = {"path": action.path, "port": action.port}
+    elif isinstance(action, TcpSocketAction):
+        out["tcpSocket"] = {"port": action.port}
+    else:
+        out["exec"] = {"command": list(action.command)}
+    for key, name, _lo, _hi in _PROBE_NUMBERS:
+        out[key] = getattr(probe, name)
+    return out
 
 
 def dump_manifests(objs: Sequence[Manifest]) -> str:

@@ -18,7 +18,12 @@ The rules of :func:`plan`, per replica assigned to this node:
   **exponential back-off** (``backoff_base_s`` doubling up to ``backoff_max_s``, as
   Kubernetes' CrashLoopBackOff), reset once a run lasted ``backoff_reset_after_s``;
 * a running container of the current generation -> nothing: this is also how a restarted
-  daemon **adopts** what it finds (static stability: a daemon restart restarts no replica).
+  daemon **adopts** what it finds (static stability: a daemon restart restarts no replica);
+* its health probes (:mod:`p2porch.node.probes`, run by the shell and passed in as
+  ``probe_states``) decide whether it is **ready**; when its liveness or startup probe gave
+  up, **stop** it: the exit that follows goes through the ordinary restart path above (the
+  policy, the back-off, the restart count), with the probe's verdict as the reason. Running
+  replicas with probes are handed back to the shell as ``Plan.probe_targets``.
 
 Containers of this node that match no assigned replica are **removed** (an app deleted or moved
 while the daemon was down, or a partition healed). Containers of other nodes are never looked
@@ -39,6 +44,8 @@ from typing import TYPE_CHECKING, Any
 import attrs
 
 from p2porch.common import codec
+from p2porch.node import probes
+from p2porch.node.probes import ProbeState, ProbeTarget, RunId
 from p2porch.node.spec import App, Protocol, RestartPolicyKind, replica_name
 from p2porch.node.state import Placement, ReplicaFact
 
@@ -74,6 +81,8 @@ class ReconcilerConfig:
     # replica per node can then hold it). False: every replica gets a free host port there,
     # reported in its status, and the data plane's routing mesh serves the published port.
     bind_published_ports: bool = False
+    # Health probes in flight at once on this node (each also bounded by its own timeout).
+    max_parallel_probes: int = 16
 
     def __attrs_post_init__(self) -> None:
         if not self.backoff_base_s > 0:
@@ -95,6 +104,8 @@ class ReconcilerConfig:
             raise ValueError(f"max_parallel_actions must be >= 1, got {self.max_parallel_actions}")
         if self.stop_timeout_s is not None and self.stop_timeout_s < 0:
             raise ValueError(f"stop_timeout_s must be >= 0 or None, got {self.stop_timeout_s}")
+        if self.max_parallel_probes < 1:
+            raise ValueError(f"max_parallel_probes must be >= 1, got {self.max_parallel_probes}")
 
     @classmethod
     def lan(cls) -> ReconcilerConfig:
@@ -199,6 +210,11 @@ class ReplicaStatus:
     unavailable, invalid mount, port taken) or its process ended and the restart policy says
     no more. The daemon logs those as ``ReportReplica``; everything else is volatile.
     ``published_ports`` pairs ``"8080"`` (or ``"53/udp"``) with ``"host:port"``.
+
+    ``probes_ready`` is the probes' say (the startup probe passed and the readiness probe
+    passes; True for an app with neither), so ``ready`` -- running and ``probes_ready`` -- is
+    what traffic and rollouts go by. ``last_termination`` is why the replica's previous run
+    ended (``exit 3``, ``OOMKilled``, ``liveness probe failed ...``), kept after a restart.
     """
 
     name: str
@@ -215,10 +231,14 @@ class ReplicaStatus:
     container_id: str = ""
     published_ports: tuple[tuple[str, str], ...] = ()
     terminal: bool = False
+    # Appended fields (the codec's rule): a peer without them decodes the defaults.
+    probes_ready: bool = True
+    last_termination: str = ""
 
     @property
     def ready(self) -> bool:
-        return self.state is ReplicaState.RUNNING
+        """Running, and its probes say it may take traffic."""
+        return self.state is ReplicaState.RUNNING and self.probes_ready
 
     def to_json(self) -> dict[str, Any]:
         """The replica object of docs/api.md (``GET /v1/replicas``)."""
@@ -238,6 +258,7 @@ class ReplicaStatus:
             "containerId": self.container_id,
             "publishedPorts": dict(self.published_ports),
             "terminal": self.terminal,
+            "lastTermination": self.last_termination,
         }
 
     def to_fact(self, placement_generation: int) -> ReplicaFact | None:
@@ -287,6 +308,13 @@ class ReplicaBook:
     retry_at: float = 0.0
     last_error: str = ""
     error_terminal: bool = False
+    # The run a failing liveness/startup probe had stopped, and the probe's verdict: the exit
+    # of that run is the probe's doing, and is reported as such.
+    kill_cause: tuple[RunId, str] | None = None
+    # Why the last exit happened when we caused it ("" for the process's own exit).
+    exit_cause: str = ""
+    # Why the previous run ended, in words (shown as ``last_termination``).
+    last_termination: str = ""
 
 
 @attrs.frozen
@@ -320,7 +348,22 @@ class RemoveContainer:
     running: bool = False
 
 
-Action = StartReplica | RestartContainer | RemoveContainer
+@attrs.frozen
+class StopContainer:
+    """Stop a running replica whose liveness or startup probe gave up (``why``).
+
+    Only stopped: the exit then takes the ordinary restart path, so the policy, the back-off
+    and the restart count apply to probe failures exactly as to crashes.
+    """
+
+    key: ReplicaKey
+    assignment: Assignment
+    container_id: str
+    run: RunId
+    why: str
+
+
+Action = StartReplica | RestartContainer | RemoveContainer | StopContainer
 
 
 @attrs.frozen
@@ -332,6 +375,8 @@ class Plan:
     statuses: tuple[ReplicaStatus, ...]
     # The earliest back-off expiry (None: nothing is waiting on a timer).
     next_wake_at: float | None
+    # Running replicas whose app has probes: what the shell should probe now.
+    probe_targets: dict[ReplicaKey, ProbeTarget] = attrs.field(factory=dict)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -369,6 +414,20 @@ def _newest_first(info: ContainerInfo) -> tuple[bool, float, float, str]:
         -_timestamp(info, "finished_at"),
         info.id,
     )
+
+
+def run_of(info: ContainerInfo) -> RunId:
+    """The run a container is in: a restart in place keeps the id, not the start time."""
+    return RunId(info.id, _timestamp(info, "started_at"))
+
+
+def probed_ports(info: ContainerInfo) -> tuple[tuple[int, int], ...]:
+    """TCP container port -> host port, as probes reach them (one binding per port)."""
+    out: dict[int, int] = {}
+    for port in info.ports:
+        if port.protocol is Protocol.TCP:
+            out.setdefault(port.container_port, port.host_port)
+    return tuple(sorted(out.items()))
 
 
 def published_ports(info: ContainerInfo) -> tuple[tuple[str, str], ...]:
@@ -470,13 +529,17 @@ def plan(
     config: ReconcilerConfig,
     busy: Mapping[ReplicaKey, str] | None = None,
     busy_containers: frozenset[str] = frozenset(),
+    probe_states: Mapping[ReplicaKey, ProbeState] | None = None,
 ) -> Plan:
     """Decide one reconciliation pass (see the module docstring for the rules).
 
     ``busy`` maps replicas with an action still in flight to what it is doing (they are left
     alone, and shown as starting); ``busy_containers`` are ids being removed right now.
+    ``probe_states`` are the shell's probe results per replica (a state counts only for the
+    run it was made for).
     """
     busy = busy or {}
+    probe_states = probe_states or {}
     by_key: dict[ReplicaKey, list[ContainerInfo]] = {}
     actions: list[Action] = []
     wanted = {a.key: a for a in assignments if a.placement.node == node}
@@ -501,11 +564,12 @@ def plan(
     new_books: dict[ReplicaKey, ReplicaBook] = {}
     statuses: list[ReplicaStatus] = []
     wakes: list[float] = []
+    targets: dict[ReplicaKey, ProbeTarget] = {}
     for key, assignment in sorted(wanted.items()):
         book = books.get(key)
         if book is None or book.generation != assignment.generation:
             book = ReplicaBook(generation=assignment.generation)
-        ctx = _Ctx(assignment, node, now, config)
+        ctx = _Ctx(assignment, node, now, config, probe_states.get(key))
         found = by_key.get(key, [])
         if key in busy:
             new_books[key] = book
@@ -519,11 +583,14 @@ def plan(
         actions.extend(step.actions)
         if step.wake_at is not None:
             wakes.append(step.wake_at)
+        if step.probe_target is not None:
+            targets[key] = step.probe_target
     return Plan(
         actions=tuple(actions),
         books=new_books,
         statuses=tuple(statuses),
         next_wake_at=min(wakes) if wakes else None,
+        probe_targets=targets,
     )
 
 
@@ -533,6 +600,7 @@ class _Step:
     status: ReplicaStatus
     actions: tuple[Action, ...] = ()
     wake_at: float | None = None
+    probe_target: ProbeTarget | None = None
 
 
 @attrs.frozen
@@ -543,6 +611,7 @@ class _Ctx:
     node: str
     now: float
     config: ReconcilerConfig
+    probes: ProbeState | None = None
 
     def status(
         self,
@@ -554,6 +623,7 @@ class _Ctx:
         exit_code: int | None = None,
         oom: bool = False,
         terminal: bool = False,
+        probes_ready: bool = True,
     ) -> ReplicaStatus:
         placement = self.assignment.placement
         return ReplicaStatus(
@@ -571,6 +641,8 @@ class _Ctx:
             container_id=info.id if info is not None else "",
             published_ports=published_ports(info) if info is not None else (),
             terminal=terminal,
+            probes_ready=probes_ready,
+            last_termination=book.last_termination,
         )
 
 
@@ -619,12 +691,53 @@ def _plan_replica(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _
             RemoveContainer(old.id, key, f"generation {old.generation} replaced", _is_running(old))
         )
     if _is_running(keeper):
-        status = ctx.status(book, ReplicaState.RUNNING, "", keeper)
-        return _Step(book, status, tuple(actions))
+        return _plan_running(ctx, keeper, book, actions)
     if not _ended(keeper):  # restarting / unknown: the engine is in the middle of something
         status = ctx.status(book, ReplicaState.STARTING, keeper.state.value, keeper)
         return _Step(book, status, tuple(actions))
     return _plan_ended(ctx, keeper, book, actions)
+
+
+def _plan_running(
+    ctx: _Ctx, keeper: ContainerInfo, book: ReplicaBook, actions: list[Action]
+) -> _Step:
+    """A running replica: its probes say whether it is ready, or that it must restart."""
+    spec = ctx.assignment.app.spec
+    if not spec.probes():
+        status = ctx.status(book, ReplicaState.RUNNING, "", keeper)
+        return _Step(book, status, tuple(actions))
+    run = run_of(keeper)
+    target = ProbeTarget.for_spec(spec, run, probed_ports(keeper))
+    state = ctx.probes if ctx.probes is not None and ctx.probes.run == run else None
+    if state is None:
+        # A run the prober has not seen yet: only an app without gates is ready already.
+        gated = spec.startup is not None or spec.readiness is not None
+        status = ctx.status(
+            book,
+            ReplicaState.RUNNING,
+            "waiting for the first probes" if gated else "",
+            keeper,
+            probes_ready=not gated,
+        )
+        return _Step(book, status, tuple(actions), probe_target=target)
+    verdict = probes.verdict(state)
+    if verdict.restart is not None:
+        book = attrs.evolve(book, kill_cause=(run, verdict.restart))
+        status = ctx.status(
+            book,
+            ReplicaState.RUNNING,
+            f"restarting: {verdict.restart}",
+            keeper,
+            probes_ready=False,
+        )
+        actions.append(
+            StopContainer(ctx.assignment.key, ctx.assignment, keeper.id, run, verdict.restart)
+        )
+        return _Step(book, status, tuple(actions))
+    status = ctx.status(
+        book, ReplicaState.RUNNING, verdict.message, keeper, probes_ready=verdict.ready
+    )
+    return _Step(book, status, tuple(actions), probe_target=target)
 
 
 def _plan_ended(
@@ -638,22 +751,41 @@ def _plan_ended(
         step = book.backoff_step
         if _run_length_s(keeper) >= ctx.config.backoff_reset_after_s:
             step = 0  # it ran stably for a while: this crash starts a new loop
-        book = attrs.evolve(book, last_exit=exit_key, exit_seen_at=ctx.now, backoff_step=step)
+        cause = ""
+        if book.kill_cause is not None and book.kill_cause[0] == run_of(keeper):
+            cause = book.kill_cause[1]
+        book = attrs.evolve(
+            book,
+            last_exit=exit_key,
+            exit_seen_at=ctx.now,
+            backoff_step=step,
+            kill_cause=None,
+            exit_cause=cause,
+            last_termination=cause or _exit_words(exit_code, oom),
+        )
     if exit_key == book.restarted_from:
         # Restarted already; this listing predates the restart.
         status = ctx.status(book, ReplicaState.STARTING, "restarting", keeper)
         return _Step(book, status, tuple(actions))
-    words = _exit_words(exit_code, oom)
-    ended = ReplicaState.SUCCEEDED if exit_code == 0 and not oom else ReplicaState.FAILED
+    probe_kill = book.exit_cause
+    words = probe_kill or _exit_words(exit_code, oom)
+    succeeded = exit_code == 0 and not oom and not probe_kill
+    ended = ReplicaState.SUCCEEDED if succeeded else ReplicaState.FAILED
     policy = ctx.assignment.app.spec.restart_policy
-    if not policy.should_restart(exit_code, book.restarts):
+    # A probe's stop is a failure whatever the process's exit code (its SIGTERM handler may
+    # exit 0): as in Kubernetes, on-failure restarts it too.
+    policy_code = 1 if probe_kill and exit_code == 0 else exit_code
+    if not policy.should_restart(policy_code, book.restarts):
         if policy.kind is RestartPolicyKind.NEVER:
             why = "restart policy never"
-        elif policy.kind is RestartPolicyKind.ON_FAILURE and exit_code == 0:
+        elif policy.kind is RestartPolicyKind.ON_FAILURE and policy_code == 0:
             why = "completed; restart policy on-failure"
         else:
             why = f"restart limit {policy.max_restarts} reached"
-        reason = f"OOMKilled; {why}" if oom else f"exited ({words}); {why}"
+        if probe_kill:
+            reason = f"stopped ({words}); {why}"
+        else:
+            reason = f"OOMKilled; {why}" if oom else f"exited ({words}); {why}"
         status = ctx.status(
             book, ended, reason, keeper, exit_code=exit_code, oom=oom, terminal=True
         )

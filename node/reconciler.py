@@ -29,24 +29,46 @@ the crashed runs too); a new spec generation replaces the container (stop, remov
 The runtime has no ``start(container_id)`` call, so a restart checks ownership with
 ``inspect`` and then starts through ``run_engine`` (see the report: a runtime method would be
 cleaner).
+
+Health probes: each pass hands the running replicas whose app has probes to the prober (a
+table of :class:`~p2porch.node.probes.ProbeState` per replica, the rules in
+:mod:`p2porch.node.probes`). A prober task launches each probe when due, at most
+``max_parallel_probes`` at once, each under its own timeout:
+
+* HTTP GET (h11 over a trio TCP stream) and TCP connect go to the replica's **published port
+  on the node's advertise address** -- the runtime publishes every container port there --
+  never to the container's bridge address;
+* exec runs through the runtime (``exec_probe``: exit 0 passes; the wait is bounded by the
+  timeout, not by the engine request timeout).
+
+A result that changes a replica's verdict wakes a pass, which publishes the new ``ready`` and,
+when liveness or startup gave up, stops the container (the planner's ``StopContainer``); the
+exit is then restarted like any crash. Results for a run that has ended are dropped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable, Iterable
 
+import h11
 import trio
 
+from p2porch.node import probes
 from p2porch.node import reconcile_core as core
 from p2porch.node.errors import (
+    ContainerConflict,
     ContainerNotFound,
     EngineRefused,
+    EngineUnavailable,
     ImageUnavailable,
     NodeError,
     NotOwned,
     SpecError,
 )
+from p2porch.node.probes import ProbeKind, ProbeResult, ProbeState, ProbeTarget
 from p2porch.node.reconcile_core import (
     Action,
     Assignment,
@@ -57,7 +79,7 @@ from p2porch.node.reconcile_core import (
     ReplicaStatus,
 )
 from p2porch.node.runtime import ContainerRequest, DockerRuntime
-from p2porch.node.spec import App
+from p2porch.node.spec import App, ExecAction, HttpGetAction, Probe
 from p2porch.node.state import Placement, ReplicaFact
 
 log = logging.getLogger("p2porch.node.reconciler")
@@ -66,6 +88,15 @@ __all__ = ["Reconciler", "ReconcilerConfig", "ReconcilerError", "ReplicaState", 
 
 # Listings retried when an action completed meanwhile (the listing may predate its effect).
 _MAX_RELISTS = 3
+
+# A TCP probe reaches the replica through the engine's port proxy, which accepts every
+# connection and closes it at once when nothing listens in the container (measured: ~2 ms).
+# So a connection must also stay open this long (or bring data) to count as a success.
+TCP_PROBE_SETTLE_S = 0.25
+# The most of a response head an HTTP probe reads (h11's own limit on incomplete events).
+_HTTP_PROBE_MAX_HEAD = 64 * 1024
+_PROBE_USER_AGENT = "p2porch-probe/1"
+_CLOSED_EARLY = "connection closed before a response"
 
 
 class ReconcilerError(NodeError):
@@ -83,6 +114,7 @@ class Reconciler:
         config: ReconcilerConfig | None = None,
         *,
         clock: Callable[[], float] = trio.current_time,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         if runtime.node_name != node_name:
             raise ReconcilerError(
@@ -98,6 +130,8 @@ class Reconciler:
         self.config = config or ReconcilerConfig()
         self._runtime = runtime
         self._clock = clock
+        # Dates a newly seen run against the engine's start time (a probe's initial delay).
+        self._wall_clock = wall_clock
         self._assignments: list[Assignment] = []
         self._placements: dict[ReplicaKey, Placement] = {}
         self._have_desired = trio.Event()
@@ -115,10 +149,16 @@ class Reconciler:
         self._limiter = trio.CapacityLimiter(self.config.max_parallel_actions)
         self._image_locks: dict[str, trio.Lock] = {}
         self._actions: trio.Nursery | None = None
+        # The prober: per replica, its probe state (one run) and where to reach it.
+        self._probe_states: dict[ReplicaKey, ProbeState] = {}
+        self._probe_targets: dict[ReplicaKey, ProbeTarget] = {}
+        self._probe_wake = trio.Event()
+        self._probe_limiter = trio.CapacityLimiter(self.config.max_parallel_probes)
         # Counters, for tests and the daemon's metrics.
         self.passes = 0
         self.events_seen = 0
         self.actions_done = 0
+        self.probes_run = 0
 
     # ------------------------------------------------------------------ the daemon's side
 
@@ -172,6 +212,7 @@ class Reconciler:
         async with trio.open_nursery() as nursery:
             self._actions = nursery
             await nursery.start(self._watch_events)
+            nursery.start_soon(self._probe_loop)
             task_status.started()
             await self._have_desired.wait()
             while True:
@@ -195,6 +236,7 @@ class Reconciler:
                 action = core.RemoveContainer(info.id, None, "shutting down", info.running)
                 nursery.start_soon(self._limited, action)
         self._books = {}
+        self._set_probe_targets({})
         self._publish(())
 
     def _poke(self) -> None:
@@ -226,8 +268,10 @@ class Reconciler:
             config=self.config,
             busy=self._busy,
             busy_containers=frozenset(self._busy_containers),
+            probe_states=self._probe_states,
         )
         self._books = result.books
+        self._set_probe_targets(result.probe_targets)
         self._publish(result.statuses)
         for action in result.actions:
             self._start_action(action)
@@ -237,7 +281,9 @@ class Reconciler:
         return deadline
 
     def _engine_down(self, reason: str) -> None:
-        """The engine does not answer: what we knew is now unknown."""
+        """The engine does not answer: what we knew is now unknown (probing stops too: a
+        verdict reached now could not be acted on, nor trusted once the engine is back)."""
+        self._set_probe_targets({})
         self._publish(
             core.unknown_statuses(
                 self.node_name,
@@ -283,10 +329,12 @@ class Reconciler:
             raise ReconcilerError("actions can only start inside run()")
         if isinstance(action, core.RemoveContainer):
             self._busy_containers.add(action.container_id)
+        elif isinstance(action, core.StartReplica):
+            self._busy[action.key] = action.why
+        elif isinstance(action, core.StopContainer):
+            self._busy[action.key] = f"restarting: {action.why}"
         else:
-            self._busy[action.key] = (
-                action.why if isinstance(action, core.StartReplica) else "restarting"
-            )
+            self._busy[action.key] = "restarting"
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._actions.start_soon(self._limited, action)
 
@@ -297,6 +345,8 @@ class Reconciler:
                     await self._start_replica(action)
                 elif isinstance(action, core.RestartContainer):
                     await self._restart(action)
+                elif isinstance(action, core.StopContainer):
+                    await self._stop_for_probe(action)
                 else:
                     await self._remove(action.container_id, action.running, action.why)
         finally:
@@ -367,6 +417,21 @@ class Reconciler:
             log.info("node %s: %s %s", self.node_name, action.why, key)
             self._update_book(key, generation, lambda b: core.after_restart(b, action.exit))
 
+    async def _stop_for_probe(self, action: core.StopContainer) -> None:
+        """Stop a replica whose liveness/startup probe gave up; the planner restarts the exit."""
+        log.warning("node %s: replica %s: %s; stopping it", self.node_name, action.key, action.why)
+        try:
+            await self._runtime.stop(action.container_id, timeout_s=self.config.stop_timeout_s)
+        except ContainerNotFound:
+            pass  # gone meanwhile: the next pass creates a new one
+        except NodeError as exc:
+            log.warning(
+                "node %s: stopping %s failed (probed again next pass): %s",
+                self.node_name,
+                action.key,
+                exc,
+            )
+
     def _failed(self, key: ReplicaKey, generation: int, error: str, terminal: bool) -> None:
         log.warning("node %s: replica %s: %s", self.node_name, key, error)
         now = self._clock()
@@ -395,3 +460,213 @@ class Reconciler:
                 container_id[:12],
                 exc,
             )
+
+    # ------------------------------------------------------------------ probes
+
+    def _set_probe_targets(self, targets: dict[ReplicaKey, ProbeTarget]) -> None:
+        """The replicas to probe now: known runs keep their state, new runs start afresh."""
+        self._probe_targets = targets
+        self._probe_states = probes.refresh(
+            self._probe_states, targets, self._clock(), self._wall_clock()
+        )
+        self._probe_wake.set()
+
+    async def _probe_loop(self) -> None:
+        """Launch every probe when it is due; sleep until the next one or a change."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._probe_wake = trio.Event()
+                now = self._clock()
+                wake_at = math.inf
+                for key, state in list(self._probe_states.items()):
+                    target = self._probe_targets.get(key)
+                    if target is None:
+                        continue
+                    for kind in probes.due(state, now):
+                        state = probes.launched(state, kind, now)
+                        nursery.start_soon(self._probe_once, key, target, kind)
+                    self._probe_states[key] = state
+                    due_at = probes.next_due(state)
+                    if due_at is not None:
+                        wake_at = min(wake_at, due_at)
+                with trio.move_on_at(wake_at):
+                    await self._probe_wake.wait()
+
+    async def _probe_once(self, key: ReplicaKey, target: ProbeTarget, kind: ProbeKind) -> None:
+        probe = target.probe(kind)
+        if probe is None:
+            return
+        async with self._probe_limiter:
+            try:
+                result = await self._run_probe(probe, target)
+            except Exception as exc:
+                # A bug in a probe must cost that probe, never the node's reconciler.
+                log.exception("node %s: %s probe of %s crashed", self.node_name, kind.value, key)
+                result = ProbeResult.error(f"probe crashed: {exc!r}")
+        self.probes_run += 1
+        state = self._probe_states.get(key)
+        if state is None or state.run != target.run:
+            return  # the run ended or was replaced meanwhile: a stale result
+        before = probes.verdict(state)
+        state = probes.record(state, kind, result)
+        self._probe_states[key] = state
+        after = probes.verdict(state)
+        if after != before:
+            log.info(
+                "node %s: replica %s: %s (%s probe: %s)",
+                self.node_name,
+                key,
+                after.describe(),
+                kind.value,
+                result.detail,
+            )
+            self._poke()  # a pass publishes the new readiness, or stops the replica
+        self._probe_wake.set()
+
+    async def _run_probe(self, probe: Probe, target: ProbeTarget) -> ProbeResult:
+        """Run one probe against one replica, within its timeout."""
+        action = probe.action
+        if isinstance(action, ExecAction):
+            return await exec_probe(
+                self._runtime, target.run.container_id, action.command, probe.timeout_s
+            )
+        host_port = target.host_port(action.port)
+        if host_port is None:
+            return ProbeResult.failure(f"container port {action.port} is not published")
+        if isinstance(action, HttpGetAction):
+            return await http_probe(
+                self.advertise_host,
+                host_port,
+                action.path,
+                probe.timeout_s,
+                local_address=self.advertise_host,
+            )
+        return await tcp_probe(
+            self.advertise_host, host_port, probe.timeout_s, local_address=self.advertise_host
+        )
+
+
+# --------------------------------------------------------------------------- probe I/O
+
+
+def _connect_words(exc: OSError) -> str:
+    """``connection refused`` rather than trio's 'all attempts to connect ... failed'."""
+    causes: list[BaseException] = [exc]
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        causes = list(exc.__cause__.exceptions)
+    elif exc.__cause__ is not None:
+        causes = [exc.__cause__]
+    if all(isinstance(c, ConnectionRefusedError) for c in causes):
+        return "connection refused"
+    first = causes[0]
+    return f"cannot connect: {first.strerror if isinstance(first, OSError) else first}"
+
+
+def _host_header(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def http_probe(
+    host: str, port: int, path: str, timeout_s: float, *, local_address: str | None = None
+) -> ProbeResult:
+    """GET ``path`` from ``host:port``: a 2xx or 3xx answer passes (redirects not followed).
+
+    One connection per probe (``Connection: close``), as Kubernetes does; only the response
+    head is read.
+    """
+    with trio.move_on_after(timeout_s):
+        try:
+            stream = await trio.open_tcp_stream(host, port, local_address=local_address)
+        except OSError as exc:
+            return ProbeResult.failure(_connect_words(exc))
+        async with stream:
+            conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=_HTTP_PROBE_MAX_HEAD)
+            request = h11.Request(
+                method="GET",
+                target=path,
+                headers=[
+                    ("Host", _host_header(host, port)),
+                    ("User-Agent", _PROBE_USER_AGENT),
+                    ("Accept", "*/*"),
+                    ("Connection", "close"),
+                ],
+            )
+            try:
+                await stream.send_all(conn.send(request))
+                await stream.send_all(conn.send(h11.EndOfMessage()))
+                while True:
+                    event = conn.next_event()
+                    if event is h11.NEED_DATA:
+                        data = await stream.receive_some(16384)
+                        if not data:
+                            return ProbeResult.failure(_CLOSED_EARLY)
+                        conn.receive_data(data)
+                    elif isinstance(event, h11.Response):
+                        words = f"HTTP {event.status_code}"
+                        if 200 <= event.status_code < 400:
+                            return ProbeResult.success(words)
+                        return ProbeResult.failure(words)
+                    # Otherwise an informational (1xx) response: the final one follows.
+            except h11.RemoteProtocolError as exc:
+                return ProbeResult.failure(f"bad HTTP response: {exc}")
+            except (OSError, trio.BrokenResourceError):
+                # Reset rather than closed: the same news (the engine's port proxy does
+                # either when nothing listens in the container).
+                return ProbeResult.failure(_CLOSED_EARLY)
+    return ProbeResult.failure(f"timed out after {timeout_s:g}s")
+
+
+async def tcp_probe(
+    host: str, port: int, timeout_s: float, *, local_address: str | None = None
+) -> ProbeResult:
+    """Connect to ``host:port``: passes when the connection opens and is not closed at once.
+
+    The engine's port proxy accepts every connection to a published port and closes it when
+    the container does not listen, so an immediate close (within ``TCP_PROBE_SETTLE_S``,
+    without a byte) is a failure. A server that closes every connection at once without
+    writing anything would fail this probe: use an HTTP or exec probe for it.
+    """
+    with trio.move_on_after(timeout_s):
+        try:
+            stream = await trio.open_tcp_stream(host, port, local_address=local_address)
+        except OSError as exc:
+            return ProbeResult.failure(_connect_words(exc))
+        async with stream:
+            with trio.move_on_after(TCP_PROBE_SETTLE_S):
+                try:
+                    data = await stream.receive_some(1)
+                except (OSError, trio.BrokenResourceError):
+                    data = b""  # reset rather than closed: the same news
+                if not data:
+                    return ProbeResult.failure("connection closed at once (nothing listening?)")
+            return ProbeResult.success("connected")
+    return ProbeResult.failure(f"timed out after {timeout_s:g}s")
+
+
+def _output_excerpt(output: bytes) -> str:
+    """The last non-empty line of a command's output, short enough for a status reason."""
+    lines = [line.strip() for line in output.decode("utf-8", "replace").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return ""
+    last = lines[-1]
+    return last if len(last) <= 80 else last[:77] + "..."
+
+
+async def exec_probe(
+    runtime: DockerRuntime, container_id: str, command: tuple[str, ...], timeout_s: float
+) -> ProbeResult:
+    """Run ``command`` in the container: exit 0 passes. An engine that does not answer, or a
+    container already gone or stopped, is an error (not counted): the planner sees the exit."""
+    try:
+        code, output = await runtime.exec_probe(container_id, command, timeout_s)
+    except (EngineUnavailable, ContainerNotFound, ContainerConflict, NotOwned) as exc:
+        return ProbeResult.error(str(exc))
+    except NodeError as exc:
+        return ProbeResult.failure(f"exec refused: {exc}")
+    if code is None:
+        return ProbeResult.failure(f"timed out after {timeout_s:g}s")
+    if code == 0:
+        return ProbeResult.success("exit 0")
+    excerpt = _output_excerpt(output)
+    return ProbeResult.failure(f"exit {code}: {excerpt}" if excerpt else f"exit {code}")

@@ -32,6 +32,7 @@ import functools
 import ipaddress
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import TracebackType
@@ -83,6 +84,8 @@ _ENGINE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
 )
 _STREAM_ERRORS: tuple[type[Exception], ...] = (*_ENGINE_ERRORS, ValueError, AttributeError)
+# Output an exec probe keeps (for the reason shown when it fails); the rest is drained.
+_EXEC_PROBE_OUTPUT_BYTES = 4096
 
 
 # --------------------------------------------------------------------------- config
@@ -1032,6 +1035,64 @@ class DockerRuntime:
             return (code if isinstance(code, int) else -1), bytes(output or b"")
 
         return await self._run(f"exec in container {container_id[:12]}", run)
+
+    async def exec_probe(
+        self, container_id: str, cmd: list[str] | tuple[str, ...], timeout_s: float
+    ) -> tuple[int | None, bytes]:
+        """Run a health-check command in a running container of ours, for ``timeout_s`` at most.
+
+        Returns (exit code, output) -- or (None, output so far) when the command did not end
+        in time. Unlike :meth:`exec`, the wait is bounded: a timer shuts the output stream at
+        the deadline, so a hung command holds a worker thread for ``timeout_s``, not for the
+        request timeout. The command itself keeps running inside the container (the engine
+        cannot stop an exec; Kubernetes' docker runtime had the same limit).
+        """
+
+        def run() -> tuple[int | None, bytes]:
+            self._owned(container_id)
+            api = self._client.api
+            exec_id = api.exec_create(container_id, list(cmd), stdout=True, stderr=True)["Id"]
+            # The command's own time is what is bounded (a slow engine is not the app's fault).
+            deadline = time.monotonic() + timeout_s
+            stream = api.exec_start(exec_id, stream=True)
+            expired = threading.Event()
+
+            def expire() -> None:
+                expired.set()
+                with contextlib.suppress(Exception):  # closing a dead socket; closed either way
+                    stream.close()
+
+            timer = threading.Timer(max(0.0, deadline - time.monotonic()), expire)
+            timer.daemon = True
+            timer.start()
+            output = bytearray()
+            try:
+                for chunk in stream:
+                    if isinstance(chunk, bytes) and len(output) < _EXEC_PROBE_OUTPUT_BYTES:
+                        output += chunk[: _EXEC_PROBE_OUTPUT_BYTES - len(output)]
+            except _ENGINE_ERRORS:
+                if not expired.is_set():
+                    raise
+            finally:
+                timer.cancel()
+                with contextlib.suppress(Exception):
+                    stream.close()
+            if expired.is_set():
+                return None, bytes(output)
+            # The stream ends with the process; the engine may record the exit a moment later.
+            pause = 0.005
+            while True:
+                info = api.exec_inspect(exec_id)
+                if not info.get("Running") or time.monotonic() >= deadline:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 0.1)
+            code = info.get("ExitCode")
+            if info.get("Running"):
+                return None, bytes(output)
+            return (code if isinstance(code, int) else -1), bytes(output)
+
+        return await self._run(f"probe exec in container {container_id[:12]}", run)
 
     async def list_owned_volumes(self) -> list[str]:
         """Names of the engine volumes this node created for named volume mounts."""

@@ -277,7 +277,8 @@ class NodeSecurity:
             admin = pki.load_cert(p["admin_cert"].read_bytes())
             if not pki.verify_issued_by(admin, ca.cert):
                 key = pki.load_key(p["admin_key"].read_bytes())
-                reissued = ca.issue(key.public_key(), "admin", pki.ROLE_ADMIN, now)
+                admin_name = pki.identity_of(admin).name
+                reissued = ca.issue(key.public_key(), admin_name, pki.ROLE_ADMIN, now)
                 write_private(p["admin_cert"], pki.cert_pem(reissued))
         self.contexts.replace(self.material)
         return True
@@ -311,12 +312,19 @@ class NodeSecurity:
             raise SecurityError(str(exc)) from exc
         return pki.cert_pem(cert)
 
-    def write_admin_client(self, server: str, cluster: str, now: dt.datetime) -> Path:
-        """``client.yaml`` + an admin certificate for the local CLI (made once, kept)."""
+    def write_admin_client(
+        self, server: str, cluster: str, now: dt.datetime, node_name: str = ""
+    ) -> Path:
+        """``client.yaml`` + an admin certificate for the local CLI (made once, kept).
+
+        The certificate is named ``admin.<node>`` (:func:`local_admin_name`), so that it dies
+        with the node: the API refuses it once the log marks the node removed.
+        """
         p = self.paths(self.data_dir)
         if not (p["admin_cert"].exists() and p["admin_key"].exists()):
             key = pki.generate_key()
-            cert = self.ca.issue(key.public_key(), "admin", pki.ROLE_ADMIN, now)
+            name = local_admin_name(node_name)
+            cert = self.ca.issue(key.public_key(), name, pki.ROLE_ADMIN, now)
             write_private(p["admin_key"], pki.key_pem(key))
             write_private(p["admin_cert"], pki.cert_pem(cert))
         text = client_yaml(server, cluster, "ca.pem", "admin.pem", "admin.key")
@@ -331,6 +339,16 @@ class NodeSecurity:
 
     def unseal(self, sealed: bytes, aad: str) -> bytes:
         return unseal(self.data_key, sealed, aad.encode())
+
+
+LOCAL_ADMIN_PREFIX = "admin."
+# What a node removed from the cluster deletes: everything that lets a data dir act for the
+# cluster (its own certificate stays: every member refuses it by name and key anyway).
+CLUSTER_MATERIAL = ("ca_key", "data_key", "admin_cert", "admin_key", "client")
+
+
+def local_admin_name(node_name: str) -> str:
+    return f"{LOCAL_ADMIN_PREFIX}{node_name}" if node_name else "admin"
 
 
 def signing_ca(bundle: bytes, key_pem: bytes) -> pki.CertificateAuthority:
@@ -383,6 +401,10 @@ def api_authorizer(cluster: str, lookup: NodeLookup) -> Authorizer:
             return _node_refusal(cluster, lookup, peer)
         if peer.cluster != cluster:
             return f"certificate of cluster {peer.cluster}, not {cluster}"
+        if peer.name.startswith(LOCAL_ADMIN_PREFIX):
+            node = lookup(peer.name.removeprefix(LOCAL_ADMIN_PREFIX))
+            if node is not None and node[0]:
+                return f"{peer.name} belonged to a node removed from the cluster"
         return None
 
     return check

@@ -396,6 +396,119 @@ def _tuple_of(kind: type | tuple[type, ...], what: str) -> Any:
     return check
 
 
+# Probe bounds: Kubernetes' minimums (1 s period and timeout, thresholds of 1); the maximums
+# only keep nonsense out (a day of initial delay, an hour between probes).
+MAX_PROBE_INITIAL_DELAY_S = 86_400
+MAX_PROBE_PERIOD_S = 3600
+MAX_PROBE_THRESHOLD = 10_000
+MAX_PROBE_PATH_CHARS = 2048
+# An HTTP probe's path goes on the request line as written: printable ASCII, no spaces
+# (percent-encode anything else), starting with '/'.
+_HTTP_PATH = re.compile(r"^/[\x21-\x7e]*$")
+
+
+@codec.register(211)
+@attrs.frozen
+class HttpGetAction:
+    """GET ``path`` on the node's published port for container port ``port``; 2xx/3xx pass."""
+
+    port: int = attrs.field(validator=_int_in(1, 65535))
+    path: str = "/"
+
+    def __attrs_post_init__(self) -> None:
+        if (
+            not isinstance(self.path, str)
+            or not _HTTP_PATH.match(self.path)
+            or len(self.path) > MAX_PROBE_PATH_CHARS
+        ):
+            raise _fail(
+                "path",
+                "expected a path starting with / in printable ASCII without spaces "
+                f"(percent-encode the rest), at most {MAX_PROBE_PATH_CHARS} characters, "
+                f"got {_show(self.path)}",
+            )
+
+
+@codec.register(212)
+@attrs.frozen
+class TcpSocketAction:
+    """Open a TCP connection to the node's published port for container port ``port``."""
+
+    port: int = attrs.field(validator=_int_in(1, 65535))
+
+
+@codec.register(213)
+@attrs.frozen
+class ExecAction:
+    """Run ``command`` inside the container (no shell: argv as given); exit 0 passes."""
+
+    command: tuple[str, ...]
+
+    def __attrs_post_init__(self) -> None:
+        _str_tuple("command", self.command)
+        if not self.command:
+            raise _fail("command", "an exec probe needs a command")
+
+
+ProbeAction = HttpGetAction | TcpSocketAction | ExecAction
+
+
+@codec.register(214)
+@attrs.frozen
+class Probe:
+    """A health check of a replica, with Kubernetes' fields and defaults.
+
+    Exactly one action (``http_get``, ``tcp`` or ``exec``). The node daemon runs it every
+    ``period_s`` once ``initial_delay_s`` has passed since the container started; a run
+    taking longer than ``timeout_s`` fails. ``failure_threshold`` consecutive failures turn
+    the verdict to failing, ``success_threshold`` consecutive successes back to passing.
+    What a verdict does depends on the slot the probe fills in :class:`AppSpec`.
+    """
+
+    http_get: HttpGetAction | None = None
+    tcp: TcpSocketAction | None = None
+    exec: ExecAction | None = None
+    initial_delay_s: int = attrs.field(default=0, validator=_int_in(0, MAX_PROBE_INITIAL_DELAY_S))
+    period_s: int = attrs.field(default=10, validator=_int_in(1, MAX_PROBE_PERIOD_S))
+    timeout_s: int = attrs.field(default=1, validator=_int_in(1, MAX_PROBE_PERIOD_S))
+    failure_threshold: int = attrs.field(default=3, validator=_int_in(1, MAX_PROBE_THRESHOLD))
+    success_threshold: int = attrs.field(default=1, validator=_int_in(1, MAX_PROBE_THRESHOLD))
+
+    def __attrs_post_init__(self) -> None:
+        for name, kind in (
+            ("http_get", HttpGetAction),
+            ("tcp", TcpSocketAction),
+            ("exec", ExecAction),
+        ):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, kind):
+                raise _fail(name, f"expected {kind.__name__}, got {_show(value)}")
+        given = [a for a in (self.http_get, self.tcp, self.exec) if a is not None]
+        if len(given) != 1:
+            raise SpecError(
+                (),
+                f"a probe needs exactly one action (http_get, tcp or exec), got {len(given)}",
+            )
+
+    @property
+    def action(self) -> ProbeAction:
+        """The one action this probe runs."""
+        action = self.http_get or self.tcp or self.exec
+        if action is None:  # unreachable: the constructor refuses it
+            raise SpecError((), "a probe needs an action")
+        return action
+
+    @property
+    def port(self) -> int | None:
+        """The container port an HTTP or TCP probe reaches (None for exec)."""
+        action = self.action
+        return None if isinstance(action, ExecAction) else action.port
+
+
+# AppSpec's probe fields, in field order.
+PROBE_FIELDS = ("liveness", "readiness", "startup")
+
+
 @codec.register(208)
 @attrs.frozen
 class AppSpec:
@@ -419,6 +532,11 @@ class AppSpec:
     # Names of secrets (in the app's namespace) its replicas use: only the nodes that run one
     # of them are given the values (node/security.py); mounting arrives with workloads.
     secrets: tuple[str, ...] = ()
+    # Health probes (node/probes.py): failing liveness restarts the replica; readiness gates
+    # whether it counts as ready; a startup probe holds both back until it first passes.
+    liveness: Probe | None = None
+    readiness: Probe | None = None
+    startup: Probe | None = None
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.image, str) or not _IMAGE_REF.match(self.image):
@@ -472,6 +590,40 @@ class AppSpec:
                 raise SpecError(("secrets", i), str(exc)) from None
             if secret in self.secrets[:i]:
                 raise SpecError(("secrets", i), f"secret {secret} listed twice")
+        self._check_probes(container)
+
+    def _check_probes(self, container_ports: set[tuple[int, Protocol]]) -> None:
+        """Probes reach a TCP container port of this app; liveness/startup pass at once."""
+        tcp_ports = sorted(port for port, proto in container_ports if proto is Protocol.TCP)
+        for name in PROBE_FIELDS:
+            probe = getattr(self, name)
+            if probe is None:
+                continue
+            if not isinstance(probe, Probe):
+                raise _fail(name, f"expected Probe, got {_show(probe)}")
+            action = probe.action
+            if not isinstance(action, ExecAction) and action.port not in tcp_ports:
+                listed = ", ".join(map(str, tcp_ports)) if tcp_ports else "none"
+                raise SpecError(
+                    (name, "http_get" if isinstance(action, HttpGetAction) else "tcp", "port"),
+                    f"port {action.port} is not one of the app's TCP container ports "
+                    f"({listed}): probes reach a replica through its published port",
+                )
+            # As in Kubernetes: one success is what "alive" and "started" mean.
+            if name != "readiness" and probe.success_threshold != 1:
+                raise SpecError(
+                    (name, "success_threshold"),
+                    f"must be 1 for a {name} probe, got {probe.success_threshold}",
+                )
+
+    def probes(self) -> tuple[tuple[str, Probe], ...]:
+        """The probes this app has, as (slot, probe) in field order."""
+        out = []
+        for name in PROBE_FIELDS:
+            probe = getattr(self, name)
+            if probe is not None:
+                out.append((name, probe))
+        return tuple(out)
 
     @property
     def env_dict(self) -> dict[str, str]:

@@ -165,9 +165,11 @@ def test_join_passes_peer_and_token(run: Cli, api: FakeApi, tmp_path: Path) -> N
         "--no-runtime",
     )
     assert result.exit_code == 0, result.output
-    argv = spawner.calls[0][0]
+    argv, _log, env = spawner.calls[0]
     assert argv[argv.index("--join") + 1] == "127.0.0.2"
-    assert argv[argv.index("--token") + 1] == "T0K"
+    # The token travels in the agent's environment, never on its (world-readable) argv.
+    assert "--token" not in argv and "T0K" not in argv
+    assert env["P2PORCH_JOIN_TOKEN"] == "T0K"
     assert argv[argv.index("--preset") + 1] == "local"
     assert "--no-runtime" in argv
     config = (tmp_path / "n2").resolve() / "client.yaml"
