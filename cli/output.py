@@ -215,12 +215,13 @@ def replicas_table(replicas: Sequence[Any], wide: bool) -> str:
         ("APP", lambda r: dig(r, "app")),
         ("NODE", lambda r: dig(r, "node")),
         ("STATE", lambda r: dig(r, "state")),
+        ("READY", lambda r: dig(r, "ready")),
         ("RESTARTS", lambda r: dig(r, "restarts", default=0)),
         ("REASON", lambda r: dig(r, "reason")),
     ]
     if wide:
         columns += [
-            ("READY", lambda r: dig(r, "ready")),
+            ("LAST TERMINATION", lambda r: dig(r, "lastTermination")),
             ("EXIT", lambda r: dig(r, "exitCode")),
             ("GENERATION", lambda r: dig(r, "generation")),
             ("CONTAINER", lambda r: str(dig(r, "containerId") or "")[:12]),

@@ -836,6 +836,7 @@ class Api:
                     "restarts": 0,
                     "exitCode": None,
                     "reason": "",
+                    "lastTermination": "",
                 }
                 if placement is None:
                     pend = state.pending.get(sid)
@@ -850,7 +851,10 @@ class Api:
                         reported = report[f"{ns}/{rname}"]
                         row.update({k: v for k, v in reported.items() if k not in ("name",)})
                         row["node"] = placement.node
-                        row["ready"] = reported.get("state") == "running"
+                        # The owner judges readiness (running and its readiness probe passing).
+                        row["ready"] = bool(
+                            reported.get("ready", reported.get("state") == "running")
+                        )
                     else:
                         row["state"] = "pending"
                         row["reason"] = "assigned; waiting for the node to start it"

@@ -40,10 +40,11 @@ def test_get_replicas_table_columns(run: Cli) -> None:
         "APP",
         "NODE",
         "STATE",
+        "READY",
         "RESTARTS",
         "REASON",
     ]
-    assert lines[1].split()[:6] == ["hello-0", "default", "hello", "n1", "running", "0"]
+    assert lines[1].split()[:5] == ["hello-0", "default", "hello", "n1", "running"]
     assert "0/3 nodes can run it" in lines[3]
     assert all(line == line.rstrip() for line in lines)
 

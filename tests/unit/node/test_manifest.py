@@ -6,6 +6,7 @@ import contextlib
 import textwrap
 from pathlib import Path
 
+import attrs
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -27,16 +28,21 @@ from p2porch.node.spec import (
     BindMount,
     ConstraintOp,
     EnvVar,
+    ExecAction,
+    HttpGetAction,
     Namespace,
     PortSpec,
+    Probe,
     Protocol,
     Resources,
     RestartPolicy,
     RestartPolicyKind,
+    TcpSocketAction,
     VolumeMount,
 )
 
 from .strategies import apps
+from .strategies import text as any_text
 
 REPO = Path(__file__).resolve().parents[3]
 MiB = 1024 * 1024
@@ -616,3 +622,173 @@ def test_mutated_manifest_only_raises_manifest_error(pos: int, insert: str, cut:
     text = FULL[:pos] + insert + FULL[pos + cut :]
     with contextlib.suppress(ManifestError):
         parse_manifests(text, "fuzz.yaml")
+
+
+# --------------------------------------------------------------------------- probes
+
+PROBES = """\
+image: p2porch/demo:latest
+ports: [{containerPort: 8080}, {containerPort: 53, protocol: udp}]
+livenessProbe:
+  exec:
+    command: ["sh", "-c", "test -f /tmp/healthy"]
+  initialDelaySeconds: 5
+  periodSeconds: 2
+  failureThreshold: 1
+readinessProbe:
+  httpGet: {path: /healthz, port: 8080}
+  timeoutSeconds: 2
+  successThreshold: 2
+startupProbe:
+  tcpSocket: {port: 8080}
+  failureThreshold: 30
+"""
+
+
+def test_probes_parse_with_kubernetes_names() -> None:
+    (app,) = parse_manifests(app_doc(PROBES))
+    assert isinstance(app, App)
+    assert app.spec.liveness == Probe(
+        exec=ExecAction(("sh", "-c", "test -f /tmp/healthy")),
+        initial_delay_s=5,
+        period_s=2,
+        failure_threshold=1,
+    )
+    assert app.spec.readiness == Probe(
+        http_get=HttpGetAction(8080, "/healthz"), timeout_s=2, success_threshold=2
+    )
+    assert app.spec.startup == Probe(tcp=TcpSocketAction(8080), failure_threshold=30)
+    # httpGet.path defaults to /.
+    (plain,) = parse_manifests(app_doc("image: a\nports: [{containerPort: 80}]\n"
+                                       "readinessProbe: {httpGet: {port: 80}}"))  # fmt: skip
+    assert isinstance(plain, App) and plain.spec.readiness == Probe(http_get=HttpGetAction(80))
+
+
+def test_probes_round_trip() -> None:
+    objs = parse_manifests(app_doc(PROBES))
+    text = dump_manifests(objs)
+    assert parse_manifests(text) == objs
+    app = objs[0]
+    assert isinstance(app, App)
+    spec = to_manifest(app)["spec"]
+    assert spec["readinessProbe"] == {
+        "httpGet": {"path": "/healthz", "port": 8080},
+        "initialDelaySeconds": 0,
+        "periodSeconds": 10,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+        "successThreshold": 2,
+    }
+    assert spec["livenessProbe"]["exec"] == {"command": ["sh", "-c", "test -f /tmp/healthy"]}
+    assert spec["startupProbe"]["tcpSocket"] == {"port": 8080}
+    bare = to_manifest(parse_manifests(app_doc("image: a"))[0])["spec"]
+    assert not {"livenessProbe", "readinessProbe", "startupProbe"} & set(bare)
+
+
+PORTS = "image: a\nports: [{containerPort: 8080}]\n"
+
+
+@pytest.mark.parametrize(
+    ("spec", "path", "fragment"),
+    [
+        (
+            "livenessProbe: {httpGet: {port: 8080}, initialDelaySecond: 3}",
+            "spec.livenessProbe.initialDelaySecond",
+            'unknown field (did you mean "initialDelaySeconds"?)',
+        ),
+        (
+            "livenessProbe: {httpGet: {port: 8080}, exec: {command: [x]}}",
+            "spec.livenessProbe",
+            "exactly one of httpGet, tcpSocket or exec (got httpGet and exec)",
+        ),
+        ("readinessProbe: {periodSeconds: 5}", "spec.readinessProbe", "exactly one of"),
+        ("readinessProbe: tcp", "spec.readinessProbe", 'expected a mapping, got "tcp"'),
+        (
+            "livenessProbe: {httpGet: {port: http}}",
+            "spec.livenessProbe.httpGet.port",
+            'expected an integer 1-65535, got "http"',
+        ),
+        (
+            "livenessProbe: {httpGet: {port: 9090}}",
+            "spec.livenessProbe.httpGet.port",
+            "port 9090 is not one of the app's TCP container ports (8080)",
+        ),
+        (
+            "startupProbe: {tcpSocket: {port: 81}}",
+            "spec.startupProbe.tcpSocket.port",
+            "not one of the app's TCP container ports",
+        ),
+        (
+            "livenessProbe: {httpGet: {port: 8080, host: example.com}}",
+            "spec.livenessProbe.httpGet.host",
+            "unknown field",
+        ),
+        (
+            "livenessProbe: {httpGet: {port: 8080, path: healthz}}",
+            "spec.livenessProbe.httpGet.path",
+            "starting with /",
+        ),
+        ("livenessProbe: {tcpSocket: {}}", "spec.livenessProbe.tcpSocket.port", "required"),
+        ("livenessProbe: {exec: {}}", "spec.livenessProbe.exec.command", "required"),
+        ("livenessProbe: {exec: {command: []}}", "spec.livenessProbe.exec.command", "needs"),
+        ("livenessProbe: {exec: {command: sh}}", "spec.livenessProbe.exec.command", "a list"),
+        (
+            "livenessProbe: {exec: {command: [x]}, periodSeconds: 0}",
+            "spec.livenessProbe.periodSeconds",
+            "expected an integer 1-3600, got 0",
+        ),
+        (
+            "livenessProbe: {exec: {command: [x]}, timeoutSeconds: 1.5}",
+            "spec.livenessProbe.timeoutSeconds",
+            "expected an integer",
+        ),
+        (
+            "livenessProbe: {exec: {command: [x]}, successThreshold: 2}",
+            "spec.livenessProbe.successThreshold",
+            "must be 1 for a liveness probe",
+        ),
+    ],
+)
+def test_probe_errors(spec: str, path: str, fragment: str) -> None:
+    problems = problems_of(app_doc(PORTS + spec))
+    assert any(p.path == path and fragment in p.message for p in problems), "\n".join(
+        map(str, problems)
+    )
+    assert all(p.line is not None for p in problems)
+
+
+@st.composite
+def probe_for(draw: st.DrawFn, tcp_ports: tuple[int, ...]) -> Probe:
+    kinds = ["exec", *(["http", "tcp"] if tcp_ports else [])]
+    kind = draw(st.sampled_from(kinds))
+    action: dict[str, object] = {}
+    if kind == "exec":
+        action["exec"] = ExecAction(tuple(draw(st.lists(any_text, min_size=1, max_size=3))))
+    elif kind == "http":
+        path = draw(st.from_regex(r"/[!-~]{0,12}", fullmatch=True))
+        action["http_get"] = HttpGetAction(draw(st.sampled_from(tcp_ports)), path)
+    else:
+        action["tcp"] = TcpSocketAction(draw(st.sampled_from(tcp_ports)))
+    return Probe(
+        **action,  # type: ignore[arg-type]
+        initial_delay_s=draw(st.integers(0, 100)),
+        period_s=draw(st.integers(1, 60)),
+        timeout_s=draw(st.integers(1, 60)),
+        failure_threshold=draw(st.integers(1, 10)),
+    )
+
+
+@st.composite
+def apps_with_probes(draw: st.DrawFn) -> App:
+    app = draw(apps())
+    tcp = tuple(p.container_port for p in app.spec.ports if p.protocol is Protocol.TCP)
+    maybe = st.none() | probe_for(tcp)
+    spec = attrs.evolve(app.spec, liveness=draw(maybe), readiness=draw(maybe), startup=draw(maybe))
+    return App(app.meta, spec)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(apps_with_probes())
+def test_round_trip_any_app_with_probes(app: App) -> None:
+    text = yaml.safe_dump(to_manifest(app), sort_keys=False)
+    assert parse_manifests(text) == [app.with_generation(0)]

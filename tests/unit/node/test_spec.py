@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import attrs
 import pytest
 from hypothesis import given, settings
@@ -15,14 +17,18 @@ from p2porch.node.spec import (
     BindMount,
     ConstraintOp,
     EnvVar,
+    ExecAction,
+    HttpGetAction,
     Namespace,
     ObjectMeta,
     PlacementConstraint,
     PortSpec,
+    Probe,
     Protocol,
     Resources,
     RestartPolicy,
     RestartPolicyKind,
+    TcpSocketAction,
     VolumeMount,
     check_dns_label,
     replica_name,
@@ -210,3 +216,112 @@ def test_codec_round_trip_any_app(app: App) -> None:
     decoded: App = codec.decode(codec.encode(app), App)
     assert decoded == app
     assert attrs.evolve(app) == app
+
+
+# --------------------------------------------------------------------------- probes
+
+
+def probed_spec(**probes: Probe) -> AppSpec:
+    return AppSpec(
+        image="p2porch/demo:latest",
+        ports=(PortSpec(8080), PortSpec(53, None, Protocol.UDP)),
+        **probes,  # type: ignore[arg-type]
+    )
+
+
+def test_probe_defaults_are_kubernetes() -> None:
+    probe = Probe(tcp=TcpSocketAction(8080))
+    assert (
+        probe.initial_delay_s,
+        probe.period_s,
+        probe.timeout_s,
+        probe.failure_threshold,
+        probe.success_threshold,
+    ) == (0, 10, 1, 3, 1)
+    assert HttpGetAction(8080).path == "/"
+    assert probe.action == TcpSocketAction(8080) and probe.port == 8080
+    assert Probe(exec=ExecAction(("true",))).port is None
+
+
+def test_probes_round_trip_the_codec() -> None:
+    spec = probed_spec(
+        liveness=Probe(exec=ExecAction(("sh", "-c", "test -f /tmp/ok")), failure_threshold=1),
+        readiness=Probe(http_get=HttpGetAction(8080, "/healthz?full=1"), success_threshold=2),
+        startup=Probe(tcp=TcpSocketAction(8080), period_s=2, failure_threshold=30),
+    )
+    decoded: AppSpec = codec.decode(codec.encode(spec), AppSpec)
+    assert decoded == spec
+    assert [name for name, _ in spec.probes()] == ["liveness", "readiness", "startup"]
+
+
+def test_an_older_writer_without_probe_fields_decodes_to_none() -> None:
+    import msgpack
+
+    spec = probed_spec()
+    fields = msgpack.unpackb(codec.encode(spec))
+    assert fields[-3:] == [None, None, None]  # the probes are the last fields
+    older: AppSpec = codec.decode(msgpack.packb(fields[:-3]), AppSpec)
+    assert older == spec and older.liveness is None
+
+
+@pytest.mark.parametrize(
+    ("make", "path", "fragment"),
+    [
+        (Probe, "", "exactly one action"),
+        (
+            lambda: Probe(tcp=TcpSocketAction(1), exec=ExecAction(("true",))),
+            "",
+            "exactly one action",
+        ),
+        (lambda: Probe(tcp=TcpSocketAction(8080), period_s=0), "period_s", "1-3600"),
+        (lambda: Probe(tcp=TcpSocketAction(8080), timeout_s=0), "timeout_s", "1-3600"),
+        (
+            lambda: Probe(tcp=TcpSocketAction(8080), initial_delay_s=-1),
+            "initial_delay_s",
+            "0-86400",
+        ),
+        (lambda: Probe(tcp=TcpSocketAction(8080), failure_threshold=0), "failure_threshold", "1-"),
+        (lambda: Probe(tcp=TcpSocketAction(8080), success_threshold=True), "success_threshold", ""),
+        (lambda: Probe(tcp=ExecAction(("x",))), "tcp", "expected TcpSocketAction"),  # type: ignore[arg-type]
+        (lambda: TcpSocketAction(0), "port", "1-65535"),
+        (lambda: HttpGetAction(8080, "healthz"), "path", "starting with /"),
+        (lambda: HttpGetAction(8080, "/a b"), "path", "without spaces"),
+        (lambda: HttpGetAction(8080, "/" + "x" * 2048), "path", "at most 2048"),
+        (lambda: ExecAction(()), "command", "needs a command"),
+        (lambda: ExecAction(("a\x00",)), "command[0]", "NUL"),
+        (
+            lambda: probed_spec(liveness=Probe(http_get=HttpGetAction(9090))),
+            "liveness.http_get.port",
+            "not one of the app's TCP container ports (8080)",
+        ),
+        (
+            lambda: probed_spec(readiness=Probe(tcp=TcpSocketAction(53))),
+            "readiness.tcp.port",
+            "TCP container ports",
+        ),
+        (
+            lambda: probed_spec(liveness=Probe(tcp=TcpSocketAction(8080), success_threshold=2)),
+            "liveness.success_threshold",
+            "must be 1 for a liveness probe",
+        ),
+        (
+            lambda: probed_spec(startup=Probe(tcp=TcpSocketAction(8080), success_threshold=3)),
+            "startup.success_threshold",
+            "must be 1 for a startup probe",
+        ),
+        (lambda: probed_spec(startup="tcp 8080"), "startup", "expected Probe"),  # type: ignore[arg-type]
+    ],
+)
+def test_probe_rules(make: Any, path: str, fragment: str) -> None:
+    with pytest.raises(SpecError) as caught:
+        make()
+    assert path_of(caught) == path and fragment in caught.value.message
+
+
+def test_readiness_may_want_several_successes_and_exec_needs_no_port() -> None:
+    spec = probed_spec(
+        readiness=Probe(tcp=TcpSocketAction(8080), success_threshold=3),
+        liveness=Probe(exec=ExecAction(("true",))),
+    )
+    assert spec.readiness is not None and spec.readiness.success_threshold == 3
+    assert AppSpec(image="x", liveness=Probe(exec=ExecAction(("true",)))).liveness is not None
