@@ -151,6 +151,12 @@ def parse_documents(documents: object) -> list[App | Namespace]:
         raise HttpError(400, "invalid", str(exc), _manifest_problems(exc)) from None
 
 
+async def _parse_off_loop(documents: object) -> list[App | Namespace]:
+    """Parse in a worker thread: YAML parsing runs at ~300 KB/s, and a large request parsed on
+    the event loop would stall Raft heartbeats and gossip timers (a leader would be deposed)."""
+    return await trio.to_thread.run_sync(parse_documents, documents)
+
+
 class Api:
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -676,7 +682,7 @@ class Api:
         expected = body.pop("expectedGeneration", None)
         if expected is not None and not isinstance(expected, int):
             raise HttpError(400, "invalid", "expectedGeneration: expected an integer")
-        (obj,) = parse_documents([body])
+        (obj,) = await _parse_off_loop([body])
         if not isinstance(obj, App):
             raise HttpError(400, "invalid", "expected kind: App")
         if (obj.meta.namespace, obj.meta.name) != (request.params["ns"], request.params["name"]):
@@ -709,7 +715,7 @@ class Api:
         if (forwarded := await self._on_leader(request)) is not None:
             return forwarded
         body = request.json()
-        objs = parse_documents(body.get("documents") if isinstance(body, dict) else None)
+        objs = await _parse_off_loop(body.get("documents") if isinstance(body, dict) else None)
         results = []
         # Namespaces first, so apps in a namespace created by the same file land.
         for obj in sorted(objs, key=lambda o: 0 if isinstance(o, Namespace) else 1):
@@ -745,7 +751,7 @@ class Api:
         if (forwarded := await self._on_leader(request)) is not None:
             return forwarded
         body = request.json()
-        objs = parse_documents(body.get("documents") if isinstance(body, dict) else None)
+        objs = await _parse_off_loop(body.get("documents") if isinstance(body, dict) else None)
         results = []
         for obj in sorted(objs, key=lambda o: 1 if isinstance(o, Namespace) else 0):
             if isinstance(obj, Namespace):

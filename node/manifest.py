@@ -59,7 +59,7 @@ KINDS = ("App", "Namespace")
 
 # Hostile input bounds: YAML aliases can make a small file describe a huge tree ("billion
 # laughs"), and a self-referencing alias an infinite one.
-MAX_NODES_PER_DOCUMENT = 100_000
+MAX_NODES_PER_DOCUMENT = 20_000
 MAX_DEPTH = 64
 # PyYAML reads YAML 1.1 base-60 integers ("1:30:00") in time quadratic in their length (a
 # 400 KB "1:0:0:..." costs seconds); no integer longer than Python's own 4300-digit limit for
