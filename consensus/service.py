@@ -746,6 +746,19 @@ class RaftService:
                 self.counters.bad_messages += 1
                 log.info("node %s: dropping connection, bad message: %s", self.node_id, exc)
                 return
+            # Over mutual TLS the stream knows which node is on the other end: a message
+            # claiming another sender is a forgery (a valid certificate speaking for a peer).
+            peer = getattr(stream, "peer_name", None)
+            if peer is not None and msg.src != peer:
+                self.counters.bad_messages += 1
+                log.warning(
+                    "node %s: dropping connection from %s: message claims to be from %s",
+                    self.node_id,
+                    peer,
+                    msg.src,
+                )
+                return
+            self._catch_up()
             try:
                 self.core.step(msg)
             except Exception:

@@ -455,6 +455,7 @@ async def test_a_message_must_come_from_the_tls_peer_it_names(
         nursery.start_soon(victim._handle_inbound, AuthenticatedStream(theirs, "b"))
         await ours.send_all(encode_frame(codec.encode(forged)))
         await trio.sleep(1)
+        await ours.aclose()  # a service that (wrongly) kept reading returns at end of stream
     assert victim.counters.bad_messages == 1
     assert victim.core.term < term + 1000
     assert (await cluster.put("still", b"fine")).ok
