@@ -758,7 +758,6 @@ class RaftService:
                     msg.src,
                 )
                 return
-            self._catch_up()
             try:
                 self.core.step(msg)
             except Exception:
