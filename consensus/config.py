@@ -21,7 +21,8 @@ def _positive(_inst: object, attribute: attrs.Attribute[int], value: int) -> Non
 
 @attrs.frozen
 class RaftConfig:
-    """All knobs of the core. Times are in ticks; the shell ticks every ``tick_interval_s``.
+    """All knobs of the core. Times are in ticks of ``tick_interval_s`` (a grid the shell keeps,
+    without necessarily waking at every point of it: see ``RaftCore.ticks_until_due``).
 
     The election timeout is randomized in ``[election_ticks, 2 * election_ticks)`` at every
     reset, so split votes resolve. Cross-field rules (ValueError otherwise): heartbeats must be
@@ -67,9 +68,12 @@ class RaftConfig:
     @classmethod
     def lan(cls) -> RaftConfig:
         """A data-centre or office LAN: ~1 s election timeout."""
-        # Heartbeats every 2 ticks (200 ms): 5-10 per election timeout is plenty, and each
-        # one costs every follower a wake-up -- idle CPU on a Raspberry Pi matters.
-        return cls(tick_interval_s=0.1, election_ticks=10, heartbeat_ticks=2)
+        # Heartbeats every 3 ticks (300 ms): 3-6 per election timeout (1-2 s). Raft runs over
+        # TCP, so a heartbeat is late rather than lost, and pre-vote keeps a follower that
+        # misses a few from disrupting anyone. Each one costs the leader a wake-up and two
+        # answers, and every follower a wake-up: with gossip's probes, most of an idle
+        # node's CPU (the shell sleeps between them; it does not wake per tick).
+        return cls(tick_interval_s=0.1, election_ticks=10, heartbeat_ticks=3)
 
     @classmethod
     def wan(cls) -> RaftConfig:

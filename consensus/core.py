@@ -373,6 +373,33 @@ class RaftCore:
                 self._election_elapsed = 0
                 self._campaign(pre_vote=self.config.pre_vote, transfer=False)
 
+    def ticks_until_due(self) -> int | None:
+        """How many ``tick()`` calls from now the first one that may act comes (>= 1).
+
+        ``None``: no tick will act before some other input (a step, a proposal, ...) arrives.
+        Every tick before the due one only counts (no message, event or role change), so a
+        shell may sleep until the due tick and deliver the quiet ones in a burst just before
+        its next input: a follower then wakes for its leader's heartbeats and nothing else,
+        a leader once per heartbeat. The answer changes with any input; ask again after each.
+        """
+        if self._role is Role.LEADER:
+            due = self.config.heartbeat_ticks - self._heartbeat_elapsed
+            # The end of an election timeout acts only to abort a transfer or to step down
+            # for want of a quorum. Acks only accumulate until that check, so a quorum
+            # heard already will still be heard then: no need to wake up for it.
+            if self._transfer_target is not None or (
+                self.config.check_quorum and not self._quorum_heard()
+            ):
+                due = min(due, self.config.election_ticks - self._election_elapsed)
+            resend = 3 * self.config.heartbeat_ticks
+            for pr in self._progress.values():
+                if pr.state is ProgressState.SNAPSHOT:
+                    due = min(due, resend - pr.snap_elapsed)
+            return max(1, due)
+        if not self._promotable():
+            return None
+        return max(1, self._timeout - self._election_elapsed)
+
     def _tick_leader(self) -> None:
         self._heartbeat_elapsed += 1
         self._election_elapsed += 1
@@ -394,14 +421,19 @@ class RaftCore:
             self._broadcast_heartbeat()
 
     def _quorum_active(self) -> bool:
+        """Did a quorum answer during this election timeout? Starts the next one afresh."""
+        heard = self._quorum_heard()
+        for pr in self._progress.values():
+            pr.recent_active = False
+        return heard
+
+    def _quorum_heard(self) -> bool:
         voters = self.membership.voters
         active = sum(
             1
             for v in voters
             if v == self._id or (v in self._progress and self._progress[v].recent_active)
         )
-        for pr in self._progress.values():
-            pr.recent_active = False
         return active >= self.membership.quorum()
 
     def _promotable(self) -> bool:

@@ -14,7 +14,12 @@ anything of that batch, so it never acknowledges what it could not write.
 
 Tasks inside :meth:`RaftService.run`:
 
-* ``ticker``     -- ``core.tick()`` every ``raft.tick_interval_s``;
+* ``ticker``     -- time for the core, without waking at every tick: ticks sit on a fixed
+  grid of ``raft.tick_interval_s`` and the task sleeps until the one the core says may act
+  (:meth:`RaftCore.ticks_until_due`: the next heartbeat on a leader, the election timeout
+  on a follower). The quiet ticks in between are delivered in a burst just before the core's
+  next input, so the core sees exactly the ticks a per-tick loop would have given it. An
+  idle follower wakes only for the leader's heartbeats, not 10 times a second as well;
 * ``ready loop`` -- the order above; disk writes run in a worker thread by default so the
   event loop keeps receiving while the fsync is in progress (everything that accumulates
   meanwhile goes into the next batch: natural group commit, one fsync per batch);
@@ -35,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import random
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -182,6 +188,7 @@ class ServiceCounters:
     batches: int = 0
     early_messages: int = 0  # sent before the disk write (leader_parallel_append)
     read_rounds: int = 0  # ReadIndex rounds started (concurrent readers share one)
+    timer_wakeups: int = 0  # the ticker woke because a tick was due (idle cost; see _ticker)
 
 
 class StateMachine(Protocol):
@@ -279,6 +286,10 @@ class RaftService:
         self._peers: dict[str, _Peer] = {}
         self._wakeup = trio.Event()
         self._changed = trio.Event()
+        self._tick_origin = 0.0  # trio time of tick 0 of the grid (set by run)
+        self._ticks = 0  # ticks delivered to the core so far
+        self._tick_deferred = False  # the last catch-up moved the grid (see _catch_up)
+        self._tick_scope: trio.CancelScope | None = None  # the ticker's sleep
         self._nursery: trio.Nursery | None = None
         self._stopped: BaseException | None = None
         self._running = False
@@ -299,6 +310,7 @@ class RaftService:
                 self.bound_address = await nursery.start(
                     self.transport.serve, self.listen, self._handle_inbound
                 )
+                self._tick_origin = trio.current_time()
                 nursery.start_soon(self._ticker)
                 nursery.start_soon(self._ready_loop)
                 task_status.started(self.bound_address)
@@ -385,6 +397,7 @@ class RaftService:
     async def propose(self, data: bytes, *, timeout_s: float | None = None) -> object:
         """Replicate ``data`` and return what the state machine's ``apply`` returned."""
         self._check_running()
+        self._catch_up()
         term, index = self.core.propose(data)
         return await self._wait_entry(term, index, timeout_s)
 
@@ -437,6 +450,7 @@ class RaftService:
             self._read_inflight = None
         batch, self._read_queue = self._read_queue, []
         ctx = b"%d" % next(self._read_ids)
+        self._catch_up()
         try:
             self.core.read_index(ctx)
         except NotLeader as exc:
@@ -479,6 +493,7 @@ class RaftService:
 
     async def _conf_change(self, change: ConfChange, timeout_s: float | None) -> None:
         self._check_running()
+        self._catch_up()
         term, index = self.core.propose_conf_change(change)
         await self._wait_entry(term, index, timeout_s)
 
@@ -487,6 +502,7 @@ class RaftService:
         self._check_running()
         if target == self.node_id and self.core.role is Role.LEADER:
             return True
+        self._catch_up()
         self.core.transfer_leadership(target)
         self._kick()
         self._transfer_aborted = False
@@ -504,14 +520,64 @@ class RaftService:
     # ================================================================= tasks
 
     def _kick(self) -> None:
+        """The core took an input: let the ready loop run, and re-aim the ticker's sleep."""
         self._wakeup.set()
+        self._rearm_ticker()
+
+    def _catch_up(self) -> None:
+        """Deliver the grid ticks that passed since the last delivery; call before every input.
+
+        The ticks before the due one are quiet, so delivering them late changes nothing; what
+        matters is that they reach the core BEFORE the input that follows them (a heartbeat
+        resets the election timer, and a vote request is judged by how long ago the leader
+        was heard from).
+
+        A due tick overdue by a whole interval or more means the process was stalled (paused,
+        starved of CPU). Then the grid moves so that tick comes at the next grid point instead
+        of now, as a per-tick loop would have lost the ticks it slept through: a paused
+        follower first handles the heartbeats that piled up meanwhile, and a paused leader its
+        followers' answers, before a timeout or check-quorum may fire. Only one deferral in a
+        row: an event loop that is always late must still deliver every due tick.
+        """
+        interval = self.config.raft.tick_interval_s
+        # The epsilon absorbs float error when woken exactly at a grid point.
+        now_tick = int((trio.current_time() - self._tick_origin) / interval + 1e-6)
+        if now_tick <= self._ticks:
+            return
+        due = self.core.ticks_until_due()
+        if due is not None and self._ticks + due < now_tick and not self._tick_deferred:
+            quiet = due - 1
+            self._tick_origin += (now_tick - self._ticks - quiet) * interval
+            now_tick = self._ticks + quiet
+            self._tick_deferred = True
+        else:
+            self._tick_deferred = False
+        for _ in range(now_tick - self._ticks):
+            self.core.tick()
+        self._ticks = now_tick
+
+    def _next_tick_at(self) -> float:
+        due = self.core.ticks_until_due()
+        if due is None:
+            return math.inf
+        return self._tick_origin + (self._ticks + due) * self.config.raft.tick_interval_s
+
+    def _rearm_ticker(self) -> None:
+        scope = self._tick_scope
+        if scope is not None:
+            at = self._next_tick_at()
+            if at != scope.deadline:  # most inputs leave it where it was: skip trio's bookkeeping
+                scope.deadline = at
 
     async def _ticker(self) -> None:
-        interval = self.config.raft.tick_interval_s
         while True:
-            await trio.sleep(interval)
-            self.core.tick()
+            self._catch_up()
             self._kick()
+            with trio.CancelScope(deadline=self._next_tick_at()) as scope:
+                self._tick_scope = scope
+                await trio.sleep_forever()
+            self._tick_scope = None
+            self.counters.timer_wakeups += 1
 
     async def _ready_loop(self) -> None:
         while True:
@@ -529,6 +595,7 @@ class RaftService:
                 self._send_all(late)
                 self._apply(ready)
                 self.core.advance(ready)
+                self._rearm_ticker()  # advance may commit, and a commit may change the timers
                 self.counters.batches += 1
                 self._start_read_round()  # readers that queued while a round was in flight
                 try:
@@ -758,6 +825,7 @@ class RaftService:
                     msg.src,
                 )
                 return
+            self._catch_up()
             try:
                 self.core.step(msg)
             except Exception:
