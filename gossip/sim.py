@@ -2,7 +2,7 @@
 
 ``python -m p2porch.gossip.sim --nodes N --seconds S [--loss P] [--slow K] [--crash C]
 [--seed X] [--no-lifeguard [--baseline-min]] [--preset lan|local|wan|memberlist]
-[--partition-at T --partition-for D] [--max-stall S] [--timing] [--profile]``
+[--partition-at T --partition-for D] [--max-stall S] [--slow-lag S] [--timing] [--profile]``
 
 Above 200 nodes the cores start from one shared member table (``SwimCore.bootstrap``);
 below, node i starts at 0.02 * i s and joins through nodes 0 and 1 (real push-pull joins).
@@ -14,12 +14,27 @@ same run (``trace_digest`` in the output summarises every membership event; comp
 
 Faults: independent packet loss on UDP; a latency distribution per preset; a partition of
 the cluster into two halves (UDP, TCP and push-pull all cut) and its healing; CPU-starved
-"slow" nodes that stall now and then for up to ``--max-stall`` seconds (on waking, overdue
-timers run first, then the queued input in order) and between stalls read their socket late
-by a lag re-drawn in 0..max-stall; crashes (the process vanishes; spread over the run, never
-a slow node) and restarts (a fresh core, incarnation 0, joining through two live seeds, after
-max(10 s, 2 * suspicion max + 5 s)). TCP probes and push-pulls are lossless (TCP retries)
-but cut by partitions; a push-pull exchanges both tables at one instant.
+"slow" nodes (below); crashes (the process vanishes; spread over the run, never a slow node)
+and restarts (a fresh core, incarnation 0, joining through two live seeds, after max(10 s,
+2 * suspicion max + 5 s)). TCP probes and push-pulls are lossless (TCP retries) but cut by
+partitions; a push-pull exchanges both tables at one instant.
+
+A slow node is a process on a CPU-starved host. It runs only when the scheduler gives it the
+CPU, and while it waits *nothing* of it runs: neither its timers nor its socket reads. Two
+kinds of wait, both ending the same way -- the overdue timers run first, then the input that
+queued up, in arrival order (UDP to a slow node is read in FIFO order):
+
+* **stalls**: now and then (every max-stall + exp(5 s) s) the node stops for U(0.5,
+  ``--max-stall``) s;
+* **run-queue delay** (``--slow-lag`` MEAN, 0 = off): between stalls, every wake-up -- an
+  arriving packet or a due timer that finds the node idle -- waits min(max-stall, exp(MEAN))
+  s for the CPU; whatever else falls due meanwhile is handled in that same turn.
+
+The second is what makes a slow node an *accuser* (the case Lifeguard is about): it pings a
+healthy peer, the ack is back a millisecond later, but the node only sees it after its own
+probe timers have fired, so it suspects the peer; and it sees the peer's refutation late too,
+so with a short fixed suspicion timeout its own timer can declare the healthy peer DEAD.
+Stalls alone rarely do that: an ack is in flight for ~1 ms of each probe interval.
 
 Invariants, checked as events happen (``violations`` counts breaches; exit status 1 if any):
 
@@ -44,6 +59,12 @@ Figures (the JSON object printed last):
   ``false_positives_partition`` those during a partition (or within 30 s of its healing:
   both halves rightly give up on the other), ``false_positives_healthy`` the rest -- members
   running normally on a connected network: the figure that should be zero.
+  ``false_positives_healthy_spread`` is the part of those that some non-slow observer
+  believed too (the rest only a slow accuser's own timer declared: a false positive at that
+  observer, which is what Lifeguard's paper counts too); ``false_positive_observations_by_slow``
+  counts the observations made by slow observers.
+* ``slow_suspects_raised`` / ``slow_max_health``: suspicions the slow nodes raised (probes of
+  theirs that failed), and the highest Lifeguard local health any of them reached.
 * ``bytes_per_node_s``: codec bytes sent (UDP incl. dropped packets, TCP probes and their
   answers, both push-pull states) per node per simulated second.
 """
@@ -109,6 +130,7 @@ class SimParams:
     partition_at_s: float | None = None
     partition_for_s: float = 0.0
     max_stall_s: float = 3.0
+    slow_lag_s: float = 0.25  # mean run-queue delay of a slow node's wake-ups (0: stalls only)
     restart_after_s: float | None = None  # None: 2x the suspicion max at N, at least 10 s
     warmup_s: float | None = None  # None: bootstrap -> 2 s, joining -> time to join + 3 s
     bootstrap: bool | None = None  # None: True above 200 nodes
@@ -143,8 +165,8 @@ class Simulation:
         self.cores: list[SwimCore | None] = [None] * n
         self.generation = [0] * n
         self.scheduled = [math.inf] * n
-        self.busy_until = [0.0] * n
-        self.lag = [0.0] * n
+        self.busy_until = [0.0] * n  # a slow node runs nothing before this (stall / CPU wait)
+        self.awake_until = [0.0] * n  # ... and, after a wait, handles its backlog until this
         self.last_read = [0.0] * n
         self.slow: set[int] = set()
         self.side = [0] * n
@@ -154,6 +176,7 @@ class Simulation:
         self.seq = 0
         self.net_rng = random.Random(params.seed * 7919 + 1)
         self.scn_rng = random.Random(params.seed * 7919 + 2)
+        self.cpu_rng = random.Random(params.seed * 7919 + 3)  # run-queue delays only
         self.events_processed = 0
         self.bytes_sent = 0
         self.trace = hashlib.blake2b(digest_size=16)
@@ -168,6 +191,10 @@ class Simulation:
         self.fp_episodes: set[tuple[str, int]] = set()
         self.fp_slow_episodes: set[tuple[str, int]] = set()
         self.fp_partition_episodes: set[tuple[str, int]] = set()
+        # healthy-member episodes that some *non-slow* observer believed too
+        self.fp_healthy_spread: set[tuple[str, int]] = set()
+        self.fp_observations_by_slow = 0
+        self.slow_max_health = 0
         self.fp_observations = 0
         self.meta_origin: str | None = None
         self.meta_node = 0
@@ -231,8 +258,8 @@ class Simulation:
                     continue
                 at = now + self.latency()
                 if j in self.slow:
-                    # A starved process reads its socket late (in order); timers still fire.
-                    at = max(at + self.lag[j], self.last_read[j])
+                    # A starved process drains its socket in order: no overtaking.
+                    at = max(at, self.last_read[j])
                     self.last_read[j] = at
                 self.push(at, _UDP, (j, src, pkt.data))
             for pkt in ready.tcp_pings:
@@ -246,6 +273,8 @@ class Simulation:
                     self.push(now + self.latency(), _PUSH_PULL, (i, self.generation[i], j))
             for ev in ready.events:
                 self.on_event(i, ev)
+        if i in self.slow and core.local_health() > self.slow_max_health:
+            self.slow_max_health = core.local_health()
         me = core.member(core.name)
         if me is None or me.state not in (MemberState.ALIVE, MemberState.LEFT):
             self.violate(f"{core.name} believes itself {me and me.state.name}")
@@ -255,16 +284,30 @@ class Simulation:
             self.push(deadline, _TICK, (i, self.generation[i]))
 
     def deferred(self, i: int, action: int, arg: Any) -> bool:
-        """A stalled (slow) node handles nothing until its stall ends: re-queue.
+        """A slow node handles nothing while it stalls or waits for the CPU: re-queue.
 
-        Input waits a microsecond past the stall's end, after the timers: a starved process
+        Input waits a microsecond past the wait's end, after the timers: a starved process
         that wakes up finds its timeouts expired before it drains its socket, which is how a
         slow member comes to accuse healthy ones (the case Lifeguard is about).
         """
-        if i in self.slow and self.now < self.busy_until[i]:
+        if i in self.slow and (self.now < self.busy_until[i] or self.cpu_wait(i)):
             self.push(self.busy_until[i] + 1e-6, action, arg)
             return True
         return False
+
+    def cpu_wait(self, i: int) -> bool:
+        """Slow node ``i``, idle, is woken now: start its run-queue wait (True) or run (False).
+
+        A wake-up within a few microseconds of the end of the last wait belongs to that same
+        turn on the CPU (the overdue timers at the wait's end, then the queued input).
+        """
+        lag = self.p.slow_lag_s
+        if lag <= 0 or self.now <= self.awake_until[i]:
+            return False
+        wait = min(self.p.max_stall_s, self.cpu_rng.expovariate(1.0 / lag))
+        self.busy_until[i] = self.now + wait
+        self.awake_until[i] = self.now + wait + 1e-5
+        return True
 
     # ------------------------------------------------------------------ events
 
@@ -293,11 +336,15 @@ class Simulation:
                     crash.done_at = now - crash.at
             if self.up(j) and m.incarnation > self.crashed_inc.get(m.name, -1):
                 self.fp_observations += 1
+                if i in self.slow:
+                    self.fp_observations_by_slow += 1
                 episode = (m.name, m.incarnation)
                 if j in self.slow:
                     self.fp_slow_episodes.add(episode)
                 elif self.partitioned or (self.heal_at is not None and now - self.heal_at < 30):
                     self.fp_partition_episodes.add(episode)
+                elif i not in self.slow:
+                    self.fp_healthy_spread.add(episode)
                 if episode not in self.fp_episodes:
                     self.fp_episodes.add(episode)
                     if not self.faulty:
@@ -383,6 +430,8 @@ class Simulation:
                 self.busy_until[i] = max(
                     self.busy_until[i], now + rng.uniform(0.5, self.p.max_stall_s)
                 )
+                # the stall's end is the node's turn on the CPU: no run-queue wait on top
+                self.awake_until[i] = self.busy_until[i] + 1e-5
             self.push(now + rng.expovariate(1 / 5.0) + self.p.max_stall_s, _SCENARIO, ("stall", i))
         elif step == "crash":
             victims = [
@@ -521,6 +570,10 @@ class Simulation:
                     if deadline < math.inf:
                         self.push(deadline, _TICK, arg)
                     continue
+                if i in self.slow and self.cpu_wait(i):
+                    self.scheduled[i] = self.busy_until[i]
+                    self.push(self.busy_until[i], _TICK, (i, gen))
+                    continue
                 self.scheduled[i] = math.inf
                 core.tick(at)
                 self.after_step(i)
@@ -623,7 +676,19 @@ class Simulation:
             "false_positives_healthy": len(
                 self.fp_episodes - self.fp_slow_episodes - self.fp_partition_episodes
             ),
+            "false_positives_healthy_spread": len(
+                self.fp_healthy_spread - self.fp_slow_episodes - self.fp_partition_episodes
+            ),
             "false_positive_observations": self.fp_observations,
+            "false_positive_observations_by_slow": self.fp_observations_by_slow,
+            "slow_lag_s": p.slow_lag_s,
+            "max_stall_s": p.max_stall_s,
+            "slow_suspects_raised": sum(
+                c.stats()["suspects_raised"]
+                for i, c in enumerate(self.cores)
+                if i in self.slow and c
+            ),
+            "slow_max_health": self.slow_max_health,
             "false_positive_unit": "distinct (member, incarnation) declared DEAD while running",
             "bytes_per_node_s": round(self.bytes_sent / (p.nodes * p.seconds), 1),
             "push_pulls": self.push_pulls,
@@ -660,12 +725,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--partition-at", type=float, default=None)
     ap.add_argument("--partition-for", type=float, default=20.0)
     ap.add_argument("--max-stall", type=float, default=3.0)
+    ap.add_argument(
+        "--slow-lag",
+        type=float,
+        default=0.25,
+        help="mean run-queue delay (s) of a slow node's every wake-up between stalls (0: off)",
+    )
     ap.add_argument("--bootstrap", choices=["auto", "yes", "no"], default="auto")
     ap.add_argument("--timing", action="store_true", help="add wall_s to the JSON")
     ap.add_argument("--profile", action="store_true", help="cProfile to stderr")
     args = ap.parse_args(argv)
     if not 0 <= args.loss < 1 or args.nodes < 2 or args.seconds <= 0:
         ap.error("need --nodes >= 2, --seconds > 0, 0 <= --loss < 1")
+    if args.slow_lag < 0:
+        ap.error("need --slow-lag >= 0")
     params = SimParams(
         nodes=args.nodes,
         seconds=args.seconds,
@@ -678,6 +751,7 @@ def main(argv: list[str] | None = None) -> int:
         partition_at_s=args.partition_at,
         partition_for_s=args.partition_for,
         max_stall_s=args.max_stall,
+        slow_lag_s=args.slow_lag,
         bootstrap=None if args.bootstrap == "auto" else args.bootstrap == "yes",
         config_overrides=(("baseline_suspicion_at_min", True),) if args.baseline_min else (),
     )
