@@ -171,6 +171,22 @@ def _host_of(address: str) -> str:
     return address.rsplit(":", 1)[0].strip("[]")
 
 
+async def _handshake(
+    tls: trio.SSLStream[trio.abc.Stream], timeout_s: float, refused: str, failed: str
+) -> None:
+    """Handshake under a deadline; on failure close the stream and say why (TlsError):
+    ``refused`` prefixes an ssl verdict, ``failed`` a broken, silent or slow peer."""
+    try:
+        with trio.fail_after(timeout_s):
+            await tls.do_handshake()
+    except (ssl.SSLError, ssl.CertificateError) as exc:
+        await trio.aclose_forcefully(tls)
+        raise TlsError(f"{refused}: {exc}") from exc
+    except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
+        await trio.aclose_forcefully(tls)
+        raise TlsError(f"{failed}: {_why(exc, timeout_s)}") from exc
+
+
 async def client_handshake(
     stream: trio.abc.Stream,
     context: ssl.SSLContext,
@@ -180,15 +196,7 @@ async def client_handshake(
 ) -> trio.SSLStream[trio.abc.Stream]:
     """Wrap an open stream to ``address`` and handshake; refuse a server ``authorize`` rejects."""
     tls = trio.SSLStream(stream, context, server_hostname=_host_of(address))
-    try:
-        with trio.fail_after(timeout_s):
-            await tls.do_handshake()
-    except (ssl.SSLError, ssl.CertificateError) as exc:
-        await trio.aclose_forcefully(tls)
-        raise TlsError(f"TLS with {address} failed: {exc}") from exc
-    except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
-        await trio.aclose_forcefully(tls)
-        raise TlsError(f"TLS with {address} failed: {_why(exc, timeout_s)}") from exc
+    await _handshake(tls, timeout_s, f"TLS with {address} failed", f"TLS with {address} failed")
     peer = peer_identity(tls)
     reason = "no certificate" if peer is None else authorize(peer)
     if reason is not None:
@@ -210,15 +218,7 @@ async def server_handshake(
     Returns the peer's identity (None only when the context made the certificate optional).
     """
     tls = trio.SSLStream(stream, context, server_side=True, https_compatible=https_compatible)
-    try:
-        with trio.fail_after(timeout_s):
-            await tls.do_handshake()
-    except (ssl.SSLError, ssl.CertificateError) as exc:
-        await trio.aclose_forcefully(tls)
-        raise TlsError(f"TLS handshake refused: {exc}") from exc
-    except (trio.BrokenResourceError, trio.TooSlowError, OSError) as exc:
-        await trio.aclose_forcefully(tls)
-        raise TlsError(f"TLS handshake failed: {_why(exc, timeout_s)}") from exc
+    await _handshake(tls, timeout_s, "TLS handshake refused", "TLS handshake failed")
     peer = peer_identity(tls)
     if peer is None:
         if context.verify_mode == ssl.CERT_REQUIRED:  # pragma: no cover - ssl refuses first
