@@ -739,10 +739,11 @@ class Agent:
             changed = self._state_changed
             try:
                 self._save_peers()
-                self._sync_security_state()
                 me = self.state.nodes.get(self.name)
                 if me is not None and me.removed:
                     self._forget_cluster_material()
+                else:  # a removed node must not write the cluster's keys back
+                    self._sync_security_state()
             except OSError as exc:
                 log.warning("cannot save peers.json or keys: %s", exc)
             if self.reconciler is not None:
