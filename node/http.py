@@ -293,7 +293,10 @@ class HttpServer:
                 if head is None:
                     return HttpError(400, "bad_request", "message without a request line")
                 target = head.target.decode("latin-1")
-                parts = urlsplit(target)
+                try:
+                    parts = urlsplit(target)
+                except ValueError as exc:  # e.g. "http://[::1/": an unclosed IPv6 host
+                    return HttpError(400, "bad_request", f"unreadable request target: {exc}")
                 return Request(
                     method=head.method.decode("ascii", "replace"),
                     path=parts.path,

@@ -119,3 +119,12 @@ async def test_deeply_nested_json_is_a_bad_request() -> None:
     answer, _seen, server = await _exchange(head + body)
     assert server.counters.internal_errors == 0
     assert answer.startswith(b"HTTP/1.1 400 ")
+
+
+def test_an_unclosed_ipv6_target_is_a_bad_request() -> None:
+    """Found by the 1,000,000-input run: ``//ech]hk`` made urlsplit raise ValueError out of
+    the connection loop (the request went unanswered and a traceback was logged)."""
+    HttpTarget().run(
+        b"\xf3oGET /eco HTTP/1.1\r\nHost:\n\r\nGET ohk HTTP/1.1\r\nHost: a\r\n\r\n"
+        b"GE //ech]hk HTTP/1.1\r\nHost:\n\r\nGET /echoxo HTT"
+    )
