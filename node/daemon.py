@@ -64,6 +64,7 @@ from p2porch.node.security import (
     node_authorizer,
     write_private,
 )
+from p2porch.node.spec import App
 from p2porch.node.state import (
     CaRecord,
     ClusterState,
@@ -751,9 +752,13 @@ class Agent:
                 # A node removed from the cluster runs nothing, whatever it last heard.
                 removed = me is not None and me.removed
                 placements = [] if removed else self.state.placements_for(self.name)
-                keys = {f"{p.namespace}/{p.app}" for p in placements}
-                apps = [self.state.apps[k] for k in sorted(keys) if k in self.state.apps]
-                self.reconciler.set_desired(placements, apps)
+                # Each placement runs its own revision (rolling updates move them in batches).
+                apps: dict[tuple[str, str, int], App] = {}
+                for placement in placements:
+                    app = self.state.app_for(placement)
+                    if app is not None:
+                        apps[(*app.key, app.meta.generation)] = app
+                self.reconciler.set_desired(placements, list(apps.values()))
             await changed.wait()
 
     def _forget_cluster_material(self) -> None:

@@ -18,6 +18,7 @@ into manifest names.
 from __future__ import annotations
 
 import difflib
+import enum
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -37,10 +38,13 @@ from .spec import (
     MAX_STOP_GRACE_S,
     App,
     AppSpec,
+    Balance,
     BindMount,
     EnvVar,
     ExecAction,
+    FailureAction,
     HttpGetAction,
+    IngressRoute,
     Namespace,
     ObjectMeta,
     PlacementConstraint,
@@ -51,6 +55,8 @@ from .spec import (
     RestartPolicy,
     RestartPolicyKind,
     TcpSocketAction,
+    UpdateOrder,
+    UpdateStrategy,
     VolumeMount,
 )
 
@@ -409,6 +415,13 @@ _MANIFEST_NAMES: dict[str, str] = {
     "timeout_s": "timeoutSeconds",
     "failure_threshold": "failureThreshold",
     "success_threshold": "successThreshold",
+    "proxy_protocol": "proxyProtocol",
+    "max_surge": "maxSurge",
+    "max_unavailable": "maxUnavailable",
+    "min_ready_s": "minReadySeconds",
+    "progress_deadline_s": "progressDeadlineSeconds",
+    "failure_action": "failureAction",
+    "balance": "loadBalancing",
 }
 
 
@@ -433,6 +446,17 @@ _SPEC_FIELDS = (
     "livenessProbe",
     "readinessProbe",
     "startupProbe",
+    "update",
+    "ingress",
+    "loadBalancing",
+)
+_UPDATE_FIELDS = (
+    "order",
+    "maxSurge",
+    "maxUnavailable",
+    "minReadySeconds",
+    "progressDeadlineSeconds",
+    "failureAction",
 )
 # Manifest probe key -> AppSpec field.
 _PROBE_KEYS = (
@@ -601,6 +625,18 @@ def _parse_spec(doc: _Document, node: yaml.Node) -> AppSpec | _Bad:
     for key, name in _PROBE_KEYS:
         if key in fields:
             take(name, _parse_probe(doc, fields[key], f"spec.{key}"))
+    if "update" in fields:
+        take("update", _parse_update(doc, fields["update"]))
+    if "ingress" in fields:
+        take(
+            "ingress",
+            doc.items(fields["ingress"], "spec.ingress", lambda n, p: _parse_ingress(doc, n, p)),
+        )
+    if "loadBalancing" in fields:
+        take(
+            "balance",
+            _parse_enum(doc, fields["loadBalancing"], "spec.loadBalancing", Balance),
+        )
     if not ok or "image" not in kwargs:
         return BAD
     return doc.build(lambda: AppSpec(**kwargs), "spec", node)
@@ -617,9 +653,79 @@ def _parse_env(doc: _Document, node: yaml.Node, path: str) -> EnvVar | _Bad:
     return doc.build(lambda: EnvVar(name=name, value=value), path, node)
 
 
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+def _parse_enum(doc: _Document, node: yaml.Node, path: str, kind: type[_E]) -> _E | _Bad:
+    text = doc.string(node, path)
+    if isinstance(text, _Bad):
+        return BAD
+    for member in kind:
+        if member.value == text:
+            return member
+    allowed = " or ".join(str(m.value) for m in kind)
+    return doc.problem(node, path, f"expected {allowed}, got {_show_value(text)}")
+
+
+def _parse_update(doc: _Document, node: yaml.Node) -> UpdateStrategy | _Bad:
+    path = "spec.update"
+    fields = doc.mapping(node, path, _UPDATE_FIELDS)
+    if isinstance(fields, _Bad):
+        return BAD
+    kwargs: dict[str, Any] = {}
+    ok = True
+    if "order" in fields:
+        order = _parse_enum(doc, fields["order"], _join(path, "order"), UpdateOrder)
+        ok &= not isinstance(order, _Bad)
+        kwargs["order"] = order
+    if "failureAction" in fields:
+        action = _parse_enum(
+            doc, fields["failureAction"], _join(path, "failureAction"), FailureAction
+        )
+        ok &= not isinstance(action, _Bad)
+        kwargs["failure_action"] = action
+    for key, name in (("maxSurge", "max_surge"), ("maxUnavailable", "max_unavailable")):
+        if key in fields:
+            value = doc.text(fields[key], _join(path, key))
+            ok &= not isinstance(value, _Bad)
+            kwargs[name] = value
+    for key, name, hi in (
+        ("minReadySeconds", "min_ready_s", 3600),
+        ("progressDeadlineSeconds", "progress_deadline_s", 86400),
+    ):
+        if key in fields:
+            number = doc.integer(
+                fields[key], _join(path, key), 0 if name == "min_ready_s" else 1, hi
+            )
+            ok &= not isinstance(number, _Bad)
+            kwargs[name] = number
+    if not ok:
+        return BAD
+    return doc.build(lambda: UpdateStrategy(**kwargs), path, node)
+
+
+def _parse_ingress(doc: _Document, node: yaml.Node, path: str) -> IngressRoute | _Bad:
+    fields = doc.mapping(node, path, ("host", "path", "port"), required=("port",))
+    if isinstance(fields, _Bad) or "port" not in fields:
+        return BAD
+    port = doc.integer(fields["port"], _join(path, "port"), 1, 65535)
+    host: str | _Bad = ""
+    if "host" in fields:
+        host = doc.string(fields["host"], _join(path, "host"))
+    prefix: str | _Bad = "/"
+    if "path" in fields:
+        prefix = doc.string(fields["path"], _join(path, "path"))
+    if isinstance(port, _Bad) or isinstance(host, _Bad) or isinstance(prefix, _Bad):
+        return BAD
+    return doc.build(lambda: IngressRoute(port=port, host=host, path=prefix), path, node)
+
+
 def _parse_port(doc: _Document, node: yaml.Node, path: str) -> PortSpec | _Bad:
     fields = doc.mapping(
-        node, path, ("containerPort", "publishedPort", "protocol"), required=("containerPort",)
+        node,
+        path,
+        ("containerPort", "publishedPort", "protocol", "proxyProtocol"),
+        required=("containerPort",),
     )
     if isinstance(fields, _Bad):
         return BAD
@@ -643,10 +749,20 @@ def _parse_port(doc: _Document, node: yaml.Node, path: str) -> PortSpec | _Bad:
                 )
         else:
             protocol = BAD
-    if isinstance(port, _Bad) or isinstance(published, _Bad) or isinstance(protocol, _Bad):
+    proxy: bool | _Bad = False
+    if "proxyProtocol" in fields:
+        proxy = doc.boolean(fields["proxyProtocol"], _join(path, "proxyProtocol"))
+    if (
+        isinstance(port, _Bad)
+        or isinstance(published, _Bad)
+        or isinstance(protocol, _Bad)
+        or isinstance(proxy, _Bad)
+    ):
         return BAD
     return doc.build(
-        lambda: PortSpec(container_port=port, published_port=published, protocol=protocol),
+        lambda: PortSpec(
+            container_port=port, published_port=published, protocol=protocol, proxy_protocol=proxy
+        ),
         path,
         node,
     )
@@ -1027,6 +1143,8 @@ def to_manifest(obj: Manifest) -> dict[str, Any]:
             if port.published_port is not None:
                 item["publishedPort"] = port.published_port
             item["protocol"] = port.protocol.value
+            if port.proxy_protocol:
+                item["proxyProtocol"] = True
             ports.append(item)
         out["ports"] = ports
     out["replicas"] = spec.replicas
@@ -1075,6 +1193,21 @@ def to_manifest(obj: Manifest) -> dict[str, Any]:
         probe = getattr(spec, name)
         if probe is not None:
             out[key] = _probe_manifest(probe)
+    update = spec.update
+    out["update"] = {
+        "order": update.order.value,
+        "maxSurge": update.max_surge,
+        "maxUnavailable": update.max_unavailable,
+        "minReadySeconds": update.min_ready_s,
+        "progressDeadlineSeconds": update.progress_deadline_s,
+        "failureAction": update.failure_action.value,
+    }
+    if spec.ingress:
+        out["ingress"] = [
+            {**({"host": r.host} if r.host else {}), "path": r.path, "port": r.port}
+            for r in spec.ingress
+        ]
+    out["loadBalancing"] = spec.balance.value
     return {"apiVersion": API_VERSION, "kind": "App", "metadata": app_meta, "spec": out}
 
 

@@ -177,15 +177,25 @@ class Assignment:
 
 
 def assignments_for(
-    node: str, placements: Sequence[Placement], apps: Mapping[tuple[str, str], App]
+    node: str,
+    placements: Sequence[Placement],
+    apps: Mapping[tuple[str, str], App],
+    revisions: Mapping[tuple[str, str, int], App] | None = None,
 ) -> list[Assignment]:
     """Pair this node's placements with their apps; placements of a deleted app are dropped
-    (the app is gone, so its replicas stop even before the scheduler releases the slots)."""
+    (the app is gone, so its replicas stop even before the scheduler releases the slots).
+
+    ``revisions`` maps (namespace, app, revision) to the App that revision runs: a placement
+    runs its own revision (a rolling update moves placements one batch at a time); without
+    an entry for it, the app's current spec is used."""
+    revisions = revisions or {}
     out = []
     for placement in placements:
         if placement.node != node:
             continue
-        app = apps.get((placement.namespace, placement.app))
+        app = revisions.get((placement.namespace, placement.app, placement.generation))
+        if app is None:
+            app = apps.get((placement.namespace, placement.app))
         if app is None:
             continue
         out.append(Assignment(placement, app))

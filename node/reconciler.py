@@ -169,8 +169,14 @@ class Reconciler:
 
     def set_desired(self, placements: Iterable[Placement], apps: Iterable[App]) -> None:
         """What this node must run now (placements of other nodes are ignored)."""
-        by_key = {app.key: app for app in apps}
-        self._assignments = core.assignments_for(self.node_name, list(placements), by_key)
+        by_key: dict[tuple[str, str], App] = {}
+        by_revision: dict[tuple[str, str, int], App] = {}
+        for app in apps:  # several revisions of one app may be given: the last is current
+            by_key[app.key] = app
+            by_revision[(*app.key, app.meta.generation)] = app
+        self._assignments = core.assignments_for(
+            self.node_name, list(placements), by_key, by_revision
+        )
         self._placements = {a.key: a.placement for a in self._assignments}
         self._halted = False
         self._have_desired.set()

@@ -245,10 +245,19 @@ class PortSpec:
     container_port: int = attrs.field(validator=_int_in(1, 65535))
     published_port: int | None = attrs.field(default=None, validator=_opt_int_in(1, 65535))
     protocol: Protocol = attrs.field(default=Protocol.TCP)
+    # The routing mesh prepends a PROXY protocol v2 header on connections to the replica, so
+    # the app sees the client's address (it must expect the header: opt-in).
+    proxy_protocol: bool = False
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.protocol, Protocol):
             raise _fail("protocol", f"expected tcp or udp, got {_show(self.protocol)}")
+        if type(self.proxy_protocol) is not bool:
+            raise _fail(
+                "proxy_protocol", f"expected true or false, got {_show(self.proxy_protocol)}"
+            )
+        if self.proxy_protocol and self.protocol is not Protocol.TCP:
+            raise _fail("proxy_protocol", "the PROXY protocol header exists for TCP ports only")
 
 
 @codec.register(203)
@@ -509,6 +518,115 @@ class Probe:
 PROBE_FIELDS = ("liveness", "readiness", "startup")
 
 
+class UpdateOrder(enum.Enum):
+    """Whether a replica's new container starts before its old one stops, or after."""
+
+    START_FIRST = "start-first"
+    STOP_FIRST = "stop-first"
+
+
+class FailureAction(enum.Enum):
+    PAUSE = "pause"
+    ROLLBACK = "rollback"
+
+
+_COUNT_OR_PERCENT = re.compile(r"^(0|[1-9][0-9]{0,5})%?$")
+
+
+def _count_or_percent(_inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str) or not _COUNT_OR_PERCENT.match(value):
+        raise _fail(
+            attribute.name, f"expected a count like 1 or a percentage like 25%, got {_show(value)}"
+        )
+    if value.endswith("%") and int(value[:-1]) > 100:
+        raise _fail(attribute.name, f"a percentage is at most 100%, got {value}")
+
+
+def resolve_count(value: str, replicas: int, *, round_up: bool) -> int:
+    """``"2"`` -> 2; ``"25%"`` of ``replicas``, rounded up (surge) or down (unavailable)."""
+    if not value.endswith("%"):
+        return int(value)
+    scaled = replicas * int(value[:-1])
+    return -(-scaled // 100) if round_up else scaled // 100
+
+
+@codec.register(215)
+@attrs.frozen
+class UpdateStrategy:
+    """How a changed spec rolls over the replicas (Kubernetes' RollingUpdate + Swarm's order).
+
+    With ``start-first`` a replica's new container starts beside the old one, which keeps
+    serving until the new one is ready: ``max_surge`` replicas are replaced at once. With
+    ``stop-first`` the old one is drained and stopped first: ``max_unavailable`` at once. A
+    replica counts as updated once ready for ``min_ready_s``; one that crashes, fails to
+    start or is not ready within ``progress_deadline_s`` fails the rollout, which then
+    pauses or rolls back to the previous revision (``failure_action``).
+    """
+
+    order: UpdateOrder = UpdateOrder.START_FIRST
+    max_surge: str = attrs.field(default="1", validator=_count_or_percent)
+    max_unavailable: str = attrs.field(default="0", validator=_count_or_percent)
+    min_ready_s: int = attrs.field(default=0, validator=_int_in(0, 3600))
+    progress_deadline_s: int = attrs.field(default=120, validator=_int_in(1, 86400))
+    failure_action: FailureAction = FailureAction.ROLLBACK
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.order, UpdateOrder):
+            raise _fail("order", f"expected start-first or stop-first, got {_show(self.order)}")
+        if not isinstance(self.failure_action, FailureAction):
+            raise _fail(
+                "failure_action", f"expected pause or rollback, got {_show(self.failure_action)}"
+            )
+        if self.max_surge in ("0", "0%") and self.max_unavailable in ("0", "0%"):
+            raise _fail("max_unavailable", "maxSurge and maxUnavailable cannot both be 0: nothing could be replaced")
+
+    def batch(self, replicas: int) -> int:
+        """Replicas replaced at once: the surge (start-first) or the unavailable budget."""
+        if self.order is UpdateOrder.START_FIRST:
+            count = resolve_count(self.max_surge, replicas, round_up=True)
+        else:
+            count = resolve_count(self.max_unavailable, replicas, round_up=False)
+        return max(1, count)
+
+
+_HOST_NAME = re.compile(
+    r"^(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+@codec.register(216)
+@attrs.frozen
+class IngressRoute:
+    """Requests to the node's HTTP ingress for ``host`` (any when empty; ``*.example.com``
+    matches one label) under ``path`` (a prefix, matched on whole segments) go to
+    ``port`` (a TCP container port) of a ready replica."""
+
+    port: int = attrs.field(validator=_int_in(1, 65535))
+    host: str = ""
+    path: str = "/"
+
+    def __attrs_post_init__(self) -> None:
+        if not isinstance(self.host, str) or (
+            self.host and (len(self.host) > 253 or not _HOST_NAME.match(self.host))
+        ):
+            raise _fail(
+                "host",
+                f"expected a lowercase host name like shop.example.com, got {_show(self.host)}",
+            )
+        if (
+            not isinstance(self.path, str)
+            or not self.path.startswith("/")
+            or len(self.path) > 1024
+            or any(ch in self.path for ch in " ?#\x00")
+        ):
+            raise _fail("path", f"expected a path prefix like / or /api, got {_show(self.path)}")
+
+
+class Balance(enum.Enum):
+    ROUND_ROBIN = "round-robin"
+    LEAST_CONNECTIONS = "least-connections"
+
+
 @codec.register(208)
 @attrs.frozen
 class AppSpec:
@@ -537,6 +655,14 @@ class AppSpec:
     liveness: Probe | None = None
     readiness: Probe | None = None
     startup: Probe | None = None
+    # Traffic: how changes roll out, the ingress routes to this app, and how the routing
+    # mesh and the ingress pick a replica. None of them changes what a container runs, so
+    # they are not part of the template (changing them starts no rollout).
+    update: UpdateStrategy = attrs.field(factory=UpdateStrategy)
+    ingress: tuple[IngressRoute, ...] = attrs.field(
+        default=(), validator=_tuple_of(IngressRoute, "ingress route")
+    )
+    balance: Balance = Balance.ROUND_ROBIN
 
     def __attrs_post_init__(self) -> None:
         if not isinstance(self.image, str) or not _IMAGE_REF.match(self.image):
@@ -591,6 +717,33 @@ class AppSpec:
             if secret in self.secrets[:i]:
                 raise SpecError(("secrets", i), f"secret {secret} listed twice")
         self._check_probes(container)
+        if not isinstance(self.update, UpdateStrategy):
+            raise _fail("update", f"expected UpdateStrategy, got {_show(self.update)}")
+        if not isinstance(self.balance, Balance):
+            raise _fail(
+                "balance", f"expected round-robin or least-connections, got {_show(self.balance)}"
+            )
+        tcp_ports = sorted(port for port, proto in container if proto is Protocol.TCP)
+        routes: set[tuple[str, str]] = set()
+        for i, route in enumerate(self.ingress):
+            if route.port not in tcp_ports:
+                listed = ", ".join(map(str, tcp_ports)) if tcp_ports else "none"
+                raise SpecError(
+                    ("ingress", i, "port"),
+                    f"port {route.port} is not one of the app's TCP container ports ({listed})",
+                )
+            if (route.host, route.path) in routes:
+                raise SpecError(
+                    ("ingress", i), f"route {route.host or '*'}{route.path} listed twice"
+                )
+            routes.add((route.host, route.path))
+
+    def template(self) -> AppSpec:
+        """The part that decides what a container runs: a change here is a new revision
+        (a rollout); replicas, the update strategy, ingress routes and balancing are not."""
+        return attrs.evolve(
+            self, replicas=0, update=UpdateStrategy(), ingress=(), balance=Balance.ROUND_ROBIN
+        )
 
     def _check_probes(self, container_ports: set[tuple[int, Protocol]]) -> None:
         """Probes reach a TCP container port of this app; liveness/startup pass at once."""

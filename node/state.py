@@ -25,7 +25,7 @@ import attrs
 from p2porch.common import codec
 from p2porch.node.errors import NodeError
 from p2porch.node.scheduler import Decision, NodeStatus, SchedApp, SchedNode, SlotId
-from p2porch.node.spec import App, Namespace
+from p2porch.node.spec import App, AppSpec, Namespace
 
 DEFAULT_NAMESPACE = "default"
 
@@ -102,6 +102,52 @@ class PendingSlot:
     reason: str
 
 
+@codec.register(254)
+@attrs.frozen
+class AppRevision:
+    """One template of an app -- what its containers run -- kept for history and rollbacks.
+
+    ``revision`` is the app generation that introduced the template. Applying a template
+    equal to an older revision's reuses that revision (moved to the newest place), so
+    containers still running it count as up to date and a rollback touches only the
+    replicas that were already replaced.
+    """
+
+    namespace: str
+    app: str
+    revision: int
+    spec: AppSpec
+    cause: str = ""
+    created_s: float = 0.0  # the proposer's wall clock (carried by the command)
+
+
+@codec.register(255)
+@attrs.frozen
+class Rollout:
+    """The progress of an app's move from one revision to another (the leader drives it).
+
+    ``state``: progressing | paused | complete. ``paused`` is the user's pause, kept apart
+    from a pause the controller made after a failure (``state`` paused, ``message`` why).
+    ``slot_started`` says when each slot was moved to ``revision``, for the progress deadline.
+    """
+
+    namespace: str
+    app: str
+    revision: int
+    from_revision: int
+    state: str = "progressing"
+    message: str = ""
+    paused: bool = False
+    rollback_of: int = 0  # this rollout is the automatic rollback of that revision
+    started_s: float = 0.0
+    updated_s: float = 0.0
+    slot_started: tuple[tuple[int, float], ...] = ()
+
+
+# Revisions kept per app besides those still running somewhere (Kubernetes keeps 10).
+REVISION_HISTORY = 10
+
+
 # --------------------------------------------------------------------------- commands
 
 
@@ -124,6 +170,11 @@ class PutApp:
 
     app: App
     expected_generation: int | None = None
+    # Appended fields: why (shown by ``rollout history``), when (proposer's clock), and,
+    # for an automatic rollback, the revision that failed.
+    cause: str = ""
+    at_s: float = 0.0
+    rollback_of: int = 0
 
 
 @codec.register(263)
@@ -168,6 +219,42 @@ class RemoveNode:
 @attrs.frozen
 class ReportReplica:
     fact: ReplicaFact
+
+
+@codec.register(271)
+@attrs.frozen
+class RolloutStep:
+    """The leader moves ``slots`` of an app to ``revision`` (one batch of a rolling update)."""
+
+    namespace: str
+    app: str
+    revision: int
+    slots: tuple[int, ...]
+    at_s: float
+
+
+@codec.register(272)
+@attrs.frozen
+class SetRolloutState:
+    """The leader marks a rollout complete, or paused after a failure (``message`` why)."""
+
+    namespace: str
+    app: str
+    revision: int
+    state: str
+    message: str
+    at_s: float
+
+
+@codec.register(273)
+@attrs.frozen
+class PauseRollout:
+    """A user pauses or resumes an app's rollout."""
+
+    namespace: str
+    app: str
+    paused: bool
+    at_s: float
 
 
 # ---- security records (tags 500-599). Sealed fields are AES-GCM under the cluster data key
@@ -268,6 +355,9 @@ Command = (
     | PutSecret
     | DeleteSecret
     | SetCa
+    | RolloutStep
+    | SetRolloutState
+    | PauseRollout
 )
 
 
@@ -310,6 +400,8 @@ class StateSnapshot:
     gossip_keys: GossipKeys | None = None
     secrets: tuple[SecretRecord, ...] = ()
     ca: CaRecord | None = None
+    revisions: tuple[AppRevision, ...] = ()
+    rollouts: tuple[Rollout, ...] = ()
 
 
 def _app_key(namespace: str, name: str) -> str:
@@ -331,6 +423,9 @@ class ClusterState:
         self.gossip_keys: GossipKeys | None = None
         self.secrets: dict[str, SecretRecord] = {}
         self.ca: CaRecord | None = None
+        # Per app key: revisions oldest first (the last is current), and its latest rollout.
+        self.revisions: dict[str, tuple[AppRevision, ...]] = {}
+        self.rollouts: dict[str, Rollout] = {}
 
     # ---- apply
 
@@ -386,7 +481,147 @@ class ClusterState:
         # Scale-down: drop pending reasons for slots that no longer exist.
         for slot in [s for s in self.pending if s.app == key and s.slot >= app.spec.replicas]:
             del self.pending[slot]
+        changes.extend(self._new_revision(key, app, cmd))
         return tuple(changes)
+
+    def _new_revision(self, key: str, app: App, cmd: PutApp) -> list[Change]:
+        """Record the app's template as a revision if it changed, and start a rollout."""
+        history = list(self.revisions.get(key, ()))
+        template = app.spec.template()
+        if history and history[-1].spec.template() == template:
+            return []
+        previous = history[-1].revision if history else 0
+        same = next((r for r in history if r.spec.template() == template), None)
+        if same is not None:
+            history.remove(same)
+            cause = cmd.cause or f"back to revision {same.revision}"
+            revision = attrs.evolve(same, spec=app.spec, cause=cause, created_s=cmd.at_s)
+        else:
+            revision = AppRevision(
+                app.meta.namespace,
+                app.meta.name,
+                app.meta.generation,
+                app.spec,
+                cmd.cause,
+                cmd.at_s,
+            )
+        history.append(revision)
+        running = {p.generation for p in self.placements.values() if p.slot_id.app == key}
+        while len(history) > REVISION_HISTORY:
+            drop = next((r for r in history[:-1] if r.revision not in running), None)
+            if drop is None:
+                break
+            history.remove(drop)
+        self.revisions[key] = tuple(history)
+        changes = [Change("revision", key, revision)]
+        if previous and any(p.slot_id.app == key for p in self.placements.values()):
+            rollout = Rollout(
+                namespace=app.meta.namespace,
+                app=app.meta.name,
+                revision=revision.revision,
+                from_revision=previous,
+                rollback_of=cmd.rollback_of,
+                started_s=cmd.at_s,
+                updated_s=cmd.at_s,
+            )
+            self.rollouts[key] = rollout
+            changes.append(Change("rollout", key, rollout))
+        return changes
+
+    def current_revision(self, key: str) -> int:
+        """The revision new and updated replicas of app ``key`` run."""
+        history = self.revisions.get(key)
+        if history:
+            return history[-1].revision
+        app = self.apps.get(key)
+        return app.meta.generation if app is not None else 0
+
+    def app_for(self, placement: Placement) -> App | None:
+        """The App a placement's replica runs: its revision's template, with the app's
+        current replicas, metadata and traffic settings, and ``generation`` = the revision."""
+        key = placement.slot_id.app
+        app = self.apps.get(key)
+        if app is None:
+            return None
+        revision = next(
+            (r for r in self.revisions.get(key, ()) if r.revision == placement.generation), None
+        )
+        spec = app.spec
+        if revision is not None:
+            spec = attrs.evolve(
+                revision.spec,
+                replicas=app.spec.replicas,
+                update=app.spec.update,
+                ingress=app.spec.ingress,
+                balance=app.spec.balance,
+            )
+        return attrs.evolve(
+            app, spec=spec, meta=attrs.evolve(app.meta, generation=placement.generation)
+        )
+
+    def _apply_RolloutStep(self, cmd: RolloutStep) -> tuple[Change, ...]:
+        key = _app_key(cmd.namespace, cmd.app)
+        rollout = self.rollouts.get(key)
+        if rollout is None or rollout.revision != cmd.revision:
+            return ()  # decided against an older state: the leader decides again
+        if self.current_revision(key) != cmd.revision:
+            return ()
+        changes: list[Change] = []
+        started = dict(rollout.slot_started)
+        for slot_no in cmd.slots:
+            slot = SlotId(key, slot_no)
+            placement = self.placements.get(slot)
+            if placement is None or placement.generation == cmd.revision:
+                continue
+            placement = attrs.evolve(placement, generation=cmd.revision)
+            self.placements[slot] = placement
+            self.facts.pop(slot, None)
+            started[slot_no] = cmd.at_s
+            changes.append(Change("placement", str(slot), placement))
+        if changes:
+            rollout = attrs.evolve(
+                rollout, slot_started=tuple(sorted(started.items())), updated_s=cmd.at_s
+            )
+            self.rollouts[key] = rollout
+            changes.append(Change("rollout", key, rollout))
+        return tuple(changes)
+
+    def _apply_SetRolloutState(self, cmd: SetRolloutState) -> tuple[Change, ...]:
+        key = _app_key(cmd.namespace, cmd.app)
+        rollout = self.rollouts.get(key)
+        if rollout is None or rollout.revision != cmd.revision:
+            return ()
+        if cmd.state not in ("progressing", "paused", "complete"):
+            raise StateError(f"unknown rollout state {cmd.state!r}")
+        new = attrs.evolve(rollout, state=cmd.state, message=cmd.message, updated_s=cmd.at_s)
+        if new == rollout:
+            return ()
+        self.rollouts[key] = new
+        return (Change("rollout", key, new),)
+
+    def _apply_PauseRollout(self, cmd: PauseRollout) -> tuple[Change, ...]:
+        key = _app_key(cmd.namespace, cmd.app)
+        if key not in self.apps:
+            raise StateError(f"app {key} not found")
+        rollout = self.rollouts.get(key)
+        if rollout is None or rollout.state == "complete":
+            raise StateError(f"app {key} has no rollout in progress")
+        if cmd.paused:
+            new = attrs.evolve(rollout, paused=True, updated_s=cmd.at_s)
+        else:
+            # Resuming restarts the deadlines of the replicas in flight.
+            new = attrs.evolve(
+                rollout,
+                paused=False,
+                state="progressing",
+                message="",
+                updated_s=cmd.at_s,
+                slot_started=tuple((slot, cmd.at_s) for slot, _ in rollout.slot_started),
+            )
+        if new == rollout:
+            return ()
+        self.rollouts[key] = new
+        return (Change("rollout", key, new),)
 
     def _apply_DeleteApp(self, cmd: DeleteApp) -> tuple[Change, ...]:
         key = _app_key(cmd.namespace, cmd.name)
@@ -396,6 +631,8 @@ class ClusterState:
             del self.pending[slot]
         for slot in [s for s in self.facts if s.app == key]:
             del self.facts[slot]
+        self.revisions.pop(key, None)
+        self.rollouts.pop(key, None)
         # Placements stay until the scheduler releases them, so nodes stop the containers
         # through the same path as any other release.
         return (Change("app", key, None),)
@@ -415,7 +652,8 @@ class ClusterState:
             # removed meanwhile. Skip; the scheduler's next pass decides again.
             if app is None or slot.slot >= app.spec.replicas or node is None or node.removed:
                 continue
-            placement = attrs.evolve(placement, generation=app.meta.generation)
+            # New and moved replicas run the current revision (also mid-rollout).
+            placement = attrs.evolve(placement, generation=self.current_revision(slot.app))
             self.placements[slot] = placement
             self.pending.pop(slot, None)
             self.facts.pop(slot, None)
@@ -581,8 +819,9 @@ class ClusterState:
         place = []
         for slot, node in decision.place:
             namespace, _, name = slot.app.partition("/")
-            app = self.apps[slot.app]
-            place.append(Placement(namespace, name, slot.slot, node, app.meta.generation))
+            place.append(
+                Placement(namespace, name, slot.slot, node, self.current_revision(slot.app))
+            )
         release = []
         for slot in decision.release:
             namespace, _, name = slot.app.partition("/")
@@ -620,6 +859,8 @@ class ClusterState:
                 gossip_keys=self.gossip_keys,
                 secrets=tuple(v for _, v in sorted(self.secrets.items())),
                 ca=self.ca,
+                revisions=tuple(r for _, hist in sorted(self.revisions.items()) for r in hist),
+                rollouts=tuple(v for _, v in sorted(self.rollouts.items())),
             )
         )
 
@@ -638,6 +879,10 @@ class ClusterState:
         state.gossip_keys = snap.gossip_keys
         state.secrets = {_app_key(s.namespace, s.name): s for s in snap.secrets}
         state.ca = snap.ca
+        for revision in snap.revisions:
+            key = _app_key(revision.namespace, revision.app)
+            state.revisions[key] = (*state.revisions.get(key, ()), revision)
+        state.rollouts = {_app_key(r.namespace, r.app): r for r in snap.rollouts}
         return state
 
     def __eq__(self, other: object) -> bool:

@@ -29,6 +29,7 @@ from p2porch.node.spec import (
     RestartPolicy,
     RestartPolicyKind,
     TcpSocketAction,
+    UpdateStrategy,
     VolumeMount,
     check_dns_label,
     replica_name,
@@ -259,9 +260,11 @@ def test_an_older_writer_without_probe_fields_decodes_to_none() -> None:
 
     spec = probed_spec()
     fields = msgpack.unpackb(codec.encode(spec))
-    assert fields[-3:] == [None, None, None]  # the probes are the last fields
-    older: AppSpec = codec.decode(msgpack.packb(fields[:-3]), AppSpec)
+    # The probes are followed only by the traffic fields (update, ingress, balance).
+    assert fields[-6:-3] == [None, None, None]
+    older: AppSpec = codec.decode(msgpack.packb(fields[:-6]), AppSpec)
     assert older == spec and older.liveness is None
+    assert older.update == UpdateStrategy() and older.ingress == ()
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,159 @@
+"""Endpoints: where each app's ready replicas can be reached, as every node knows it.
+
+The data plane (service DNS, the routing mesh, the HTTP ingress) and the leader's rollout
+controller all ask one question: which replicas of ``namespace/app`` take traffic right now,
+and at which host address and port? Each node answers it for its own replicas (its
+reconciler knows which containers run and what their probes say) and publishes the answer as
+a :class:`NodeEndpoints` record with a version. Gossip carries only that version in the
+node's metadata (a member's metadata is capped at a few hundred bytes, far less than a busy
+node's list); a peer that sees a newer version fetches the record from the node's API. So a
+readiness change reaches every node in one gossip dissemination plus one request, and a
+dead node's endpoints go the moment gossip declares it dead or left.
+
+:class:`EndpointTable` is the pure merge of those records (no I/O, no clock): the daemon
+feeds it and the data plane reads it. Its ``version`` bumps on every change that alters
+what a reader would see, so watchers can wait for "anything newer than what I saw".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import attrs
+
+from p2porch.common import codec
+from p2porch.node.reconcile_core import ReplicaStatus
+from p2porch.node.spec import Protocol
+
+
+@codec.register(301)
+@attrs.frozen
+class EndpointPort:
+    """One of a replica's container ports and where the node publishes it."""
+
+    container_port: int
+    host: str
+    host_port: int
+    protocol: Protocol = Protocol.TCP
+
+
+@codec.register(302)
+@attrs.frozen
+class Endpoint:
+    """One replica that may receive traffic (or, ``ready`` False, one that may not yet).
+
+    ``revision`` is the app template the replica runs (the placement's generation); during a
+    start-first rolling update a slot can have two endpoints, the old revision's and the new.
+    """
+
+    namespace: str
+    app: str
+    slot: int
+    replica: str
+    node: str
+    revision: int
+    container_id: str
+    ports: tuple[EndpointPort, ...]
+    ready: bool
+
+    def address(
+        self, container_port: int, protocol: Protocol = Protocol.TCP
+    ) -> tuple[str, int] | None:
+        """(host, host_port) where ``container_port`` is published, None when it is not."""
+        for port in self.ports:
+            if port.container_port == container_port and port.protocol is protocol:
+                return (port.host, port.host_port)
+        return None
+
+
+@codec.register(303)
+@attrs.frozen
+class NodeEndpoints:
+    """A node's endpoints and replica statuses; ``version`` only grows (per node, per run).
+
+    ``epoch`` is the node's start time in nanoseconds: a restarted node starts its versions
+    again from 1, and the pair (epoch, version) still orders its records.
+    """
+
+    node: str
+    epoch: int
+    version: int
+    endpoints: tuple[Endpoint, ...] = ()
+    replicas: tuple[ReplicaStatus, ...] = ()
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return (self.epoch, self.version)
+
+
+class EndpointTable:
+    """Every node's latest :class:`NodeEndpoints`, merged; read by the data plane."""
+
+    def __init__(self, local_node: str) -> None:
+        self.local_node = local_node
+        self.version = 0
+        self._records: dict[str, NodeEndpoints] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` (synchronously, after the change) whenever ``version`` bumps."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        self.version += 1
+        for listener in list(self._listeners):
+            listener()
+
+    # ---- writes (the daemon)
+
+    def update(self, record: NodeEndpoints) -> bool:
+        """Take ``record`` unless an equal or newer one from that node is already held."""
+        old = self._records.get(record.node)
+        if old is not None and old.stamp >= record.stamp:
+            return False
+        self._records[record.node] = record
+        if old is None or old.endpoints != record.endpoints or old.replicas != record.replicas:
+            self._changed()
+        return True
+
+    def drop_node(self, node: str) -> bool:
+        """Forget a node's endpoints (it died, left or was removed); True if it had any."""
+        if self._records.pop(node, None) is None:
+            return False
+        self._changed()
+        return True
+
+    def retain(self, nodes: Iterable[str]) -> None:
+        """Drop every node not in ``nodes``."""
+        keep = set(nodes)
+        for node in [n for n in self._records if n not in keep]:
+            self.drop_node(node)
+
+    # ---- reads (data plane, leader)
+
+    def stamp(self, node: str) -> tuple[int, int] | None:
+        record = self._records.get(node)
+        return None if record is None else record.stamp
+
+    def nodes(self) -> list[str]:
+        return sorted(self._records)
+
+    def record(self, node: str) -> NodeEndpoints | None:
+        return self._records.get(node)
+
+    def endpoints(self, namespace: str, app: str, *, ready_only: bool = True) -> list[Endpoint]:
+        """The app's endpoints, local node first, then by node and replica name."""
+        out = [
+            ep
+            for record in self._records.values()
+            for ep in record.endpoints
+            if ep.namespace == namespace and ep.app == app and (ep.ready or not ready_only)
+        ]
+        out.sort(key=lambda ep: (ep.node != self.local_node, ep.node, ep.replica, ep.revision))
+        return out
+
+    def replicas(self) -> list[ReplicaStatus]:
+        """Every node's replica statuses (the owner's word), by name."""
+        out = [status for record in self._records.values() for status in record.replicas]
+        out.sort(key=lambda s: (s.namespace, s.name, s.node))
+        return out
