@@ -17,13 +17,107 @@ what a reader would see, so watchers can wait for "anything newer than what I sa
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import attrs
 
 from p2porch.common import codec
-from p2porch.node.reconcile_core import ReplicaStatus
 from p2porch.node.spec import Protocol
+from p2porch.node.state import ReplicaFact
+
+# Replica statuses live here (the reconciler's planner makes them, re-exported there) so the
+# endpoint record can carry them without an import cycle.
+
+
+class ReplicaState(enum.Enum):
+    PENDING = "pending"
+    STARTING = "starting"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+@codec.register(300)
+@attrs.frozen
+class ReplicaStatus:
+    """What this node says about one replica assigned to it (gossiped; the API shows it).
+
+    ``terminal`` marks a fact that will not change by itself: the replica cannot start (image
+    unavailable, invalid mount, port taken) or its process ended and the restart policy says
+    no more. The daemon logs those as ``ReportReplica``; everything else is volatile.
+    ``published_ports`` pairs ``"8080"`` (or ``"53/udp"``) with ``"host:port"``.
+
+    ``probes_ready`` is the probes' say (the startup probe passed and the readiness probe
+    passes; True for an app with neither), so ``ready`` -- running and ``probes_ready`` -- is
+    what traffic and rollouts go by. ``last_termination`` is why the replica's previous run
+    ended (``exit 3``, ``OOMKilled``, ``liveness probe failed ...``), kept after a restart.
+    """
+
+    name: str
+    namespace: str
+    app: str
+    slot: int
+    node: str
+    generation: int
+    state: ReplicaState
+    restarts: int = 0
+    exit_code: int | None = None
+    oom_killed: bool = False
+    reason: str = ""
+    container_id: str = ""
+    published_ports: tuple[tuple[str, str], ...] = ()
+    terminal: bool = False
+    # Appended fields (the codec's rule): a peer without them decodes the defaults.
+    probes_ready: bool = True
+    last_termination: str = ""
+
+    @property
+    def ready(self) -> bool:
+        """Running, and its probes say it may take traffic."""
+        return self.state is ReplicaState.RUNNING and self.probes_ready
+
+    def to_json(self) -> dict[str, Any]:
+        """The replica object of docs/api.md (``GET /v1/replicas``)."""
+        return {
+            "name": self.name,
+            "app": self.app,
+            "namespace": self.namespace,
+            "node": self.node,
+            "slot": self.slot,
+            "generation": self.generation,
+            "state": self.state.value,
+            "ready": self.ready,
+            "restarts": self.restarts,
+            "exitCode": self.exit_code,
+            "oomKilled": self.oom_killed,
+            "reason": self.reason,
+            "containerId": self.container_id,
+            "publishedPorts": dict(self.published_ports),
+            "terminal": self.terminal,
+            "lastTermination": self.last_termination,
+        }
+
+    def to_fact(self, placement_generation: int) -> ReplicaFact | None:
+        """The ``ReportReplica`` fact for a terminal status (None when not terminal).
+
+        The state machine accepts a fact only for the placement's own generation, so the
+        caller passes that (it can lag the app's generation: see the reconciler's notes).
+        """
+        if not self.terminal:
+            return None
+        state = "succeeded" if self.state is ReplicaState.SUCCEEDED else "failed"
+        return ReplicaFact(
+            namespace=self.namespace,
+            app=self.app,
+            slot=self.slot,
+            node=self.node,
+            generation=placement_generation,
+            state=state,
+            reason=self.reason,
+        )
 
 
 @codec.register(301)

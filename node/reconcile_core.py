@@ -37,17 +37,20 @@ back-off schedule, since an image can appear (built locally) or a port be freed 
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 
-from p2porch.common import codec
 from p2porch.node import probes
+from p2porch.node.endpoints import Endpoint, EndpointPort
+
+# Re-exported: statuses are made here, defined there (the endpoint record carries them).
+from p2porch.node.endpoints import ReplicaState as ReplicaState  # noqa: PLC0414
+from p2porch.node.endpoints import ReplicaStatus as ReplicaStatus  # noqa: PLC0414
 from p2porch.node.probes import ProbeState, ProbeTarget, RunId
-from p2porch.node.spec import App, Protocol, RestartPolicyKind, replica_name
-from p2porch.node.state import Placement, ReplicaFact
+from p2porch.node.spec import App, Protocol, RestartPolicyKind, UpdateOrder, replica_name
+from p2porch.node.state import Placement
 
 if TYPE_CHECKING:  # the runtime imports trio and docker; the planner only reads its values
     from p2porch.node.runtime import ContainerInfo
@@ -83,6 +86,11 @@ class ReconcilerConfig:
     bind_published_ports: bool = False
     # Health probes in flight at once on this node (each also bounded by its own timeout).
     max_parallel_probes: int = 16
+    # A running replica about to be stopped (rolled over, scaled down, moved) is first
+    # withdrawn from the endpoints, then left running this long so every node's mesh and
+    # ingress stop sending to it and its requests in flight finish (Kubernetes users add a
+    # preStop sleep for this). Covers gossip dissemination plus one fetch.
+    drain_s: float = 3.0
 
     def __attrs_post_init__(self) -> None:
         if not self.backoff_base_s > 0:
@@ -106,6 +114,8 @@ class ReconcilerConfig:
             raise ValueError(f"stop_timeout_s must be >= 0 or None, got {self.stop_timeout_s}")
         if self.max_parallel_probes < 1:
             raise ValueError(f"max_parallel_probes must be >= 1, got {self.max_parallel_probes}")
+        if not 0 <= self.drain_s <= 600:
+            raise ValueError(f"drain_s must be in 0-600, got {self.drain_s}")
 
     @classmethod
     def lan(cls) -> ReconcilerConfig:
@@ -115,7 +125,7 @@ class ReconcilerConfig:
     @classmethod
     def local(cls) -> ReconcilerConfig:
         """A laptop cluster: same back-off, quicker resync."""
-        return cls(resync_interval_s=5.0, engine_retry_s=1.0)
+        return cls(resync_interval_s=5.0, engine_retry_s=1.0, drain_s=2.0)
 
     @classmethod
     def fast(cls) -> ReconcilerConfig:
@@ -127,6 +137,7 @@ class ReconcilerConfig:
             resync_interval_s=2.0,
             engine_retry_s=0.5,
             stop_timeout_s=1,
+            drain_s=1.0,
         )
 
     def backoff_s(self, step: int) -> float:
@@ -200,95 +211,6 @@ def assignments_for(
             continue
         out.append(Assignment(placement, app))
     return sorted(out, key=lambda a: a.key)
-
-
-class ReplicaState(enum.Enum):
-    PENDING = "pending"
-    STARTING = "starting"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    UNKNOWN = "unknown"
-
-
-@codec.register(300)
-@attrs.frozen
-class ReplicaStatus:
-    """What this node says about one replica assigned to it (gossiped; the API shows it).
-
-    ``terminal`` marks a fact that will not change by itself: the replica cannot start (image
-    unavailable, invalid mount, port taken) or its process ended and the restart policy says
-    no more. The daemon logs those as ``ReportReplica``; everything else is volatile.
-    ``published_ports`` pairs ``"8080"`` (or ``"53/udp"``) with ``"host:port"``.
-
-    ``probes_ready`` is the probes' say (the startup probe passed and the readiness probe
-    passes; True for an app with neither), so ``ready`` -- running and ``probes_ready`` -- is
-    what traffic and rollouts go by. ``last_termination`` is why the replica's previous run
-    ended (``exit 3``, ``OOMKilled``, ``liveness probe failed ...``), kept after a restart.
-    """
-
-    name: str
-    namespace: str
-    app: str
-    slot: int
-    node: str
-    generation: int
-    state: ReplicaState
-    restarts: int = 0
-    exit_code: int | None = None
-    oom_killed: bool = False
-    reason: str = ""
-    container_id: str = ""
-    published_ports: tuple[tuple[str, str], ...] = ()
-    terminal: bool = False
-    # Appended fields (the codec's rule): a peer without them decodes the defaults.
-    probes_ready: bool = True
-    last_termination: str = ""
-
-    @property
-    def ready(self) -> bool:
-        """Running, and its probes say it may take traffic."""
-        return self.state is ReplicaState.RUNNING and self.probes_ready
-
-    def to_json(self) -> dict[str, Any]:
-        """The replica object of docs/api.md (``GET /v1/replicas``)."""
-        return {
-            "name": self.name,
-            "app": self.app,
-            "namespace": self.namespace,
-            "node": self.node,
-            "slot": self.slot,
-            "generation": self.generation,
-            "state": self.state.value,
-            "ready": self.ready,
-            "restarts": self.restarts,
-            "exitCode": self.exit_code,
-            "oomKilled": self.oom_killed,
-            "reason": self.reason,
-            "containerId": self.container_id,
-            "publishedPorts": dict(self.published_ports),
-            "terminal": self.terminal,
-            "lastTermination": self.last_termination,
-        }
-
-    def to_fact(self, placement_generation: int) -> ReplicaFact | None:
-        """The ``ReportReplica`` fact for a terminal status (None when not terminal).
-
-        The state machine accepts a fact only for the placement's own generation, so the
-        caller passes that (it can lag the app's generation: see the reconciler's notes).
-        """
-        if not self.terminal:
-            return None
-        state = "succeeded" if self.state is ReplicaState.SUCCEEDED else "failed"
-        return ReplicaFact(
-            namespace=self.namespace,
-            app=self.app,
-            slot=self.slot,
-            node=self.node,
-            generation=placement_generation,
-            state=state,
-            reason=self.reason,
-        )
 
 
 # An exit, identified by the container and when the engine says it ended: a restarted-in-place
@@ -387,6 +309,9 @@ class Plan:
     next_wake_at: float | None
     # Running replicas whose app has probes: what the shell should probe now.
     probe_targets: dict[ReplicaKey, ProbeTarget] = attrs.field(factory=dict)
+    # Containers that may take traffic: each ready replica, and during a start-first update
+    # the old container that keeps serving until its successor is ready.
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -448,6 +373,27 @@ def published_ports(info: ContainerInfo) -> tuple[tuple[str, str], ...]:
             key += f"/{port.protocol.value}"
         out.append((key, f"{port.host_ip}:{port.host_port}"))
     return tuple(sorted(set(out)))
+
+
+def endpoint_of(info: ContainerInfo, placement: Placement, node: str, *, ready: bool) -> Endpoint:
+    """The endpoint record of one container of ``placement``'s slot (its own revision)."""
+    ports: dict[tuple[int, Protocol], EndpointPort] = {}
+    for port in info.ports:
+        ports.setdefault(
+            (port.container_port, port.protocol),
+            EndpointPort(port.container_port, port.host_ip, port.host_port, port.protocol),
+        )
+    return Endpoint(
+        namespace=placement.namespace,
+        app=placement.app,
+        slot=placement.slot,
+        replica=replica_name(placement.app, placement.slot),
+        node=node,
+        revision=info.generation if info.generation is not None else placement.generation,
+        container_id=info.id,
+        ports=tuple(v for _, v in sorted(ports.items(), key=lambda kv: (kv[0][0], kv[0][1].value))),
+        ready=ready,
+    )
 
 
 def _fmt_s(seconds: float) -> str:
@@ -575,6 +521,7 @@ def plan(
     statuses: list[ReplicaStatus] = []
     wakes: list[float] = []
     targets: dict[ReplicaKey, ProbeTarget] = {}
+    endpoints: list[Endpoint] = []
     for key, assignment in sorted(wanted.items()):
         book = books.get(key)
         if book is None or book.generation != assignment.generation:
@@ -586,11 +533,20 @@ def plan(
             current = [c for c in found if c.generation == assignment.generation]
             shown = min(current, key=_newest_first) if current else None
             statuses.append(ctx.status(book, ReplicaState.STARTING, busy[key], shown))
+            # A start-first successor is being started: the old container keeps serving.
+            endpoints.extend(
+                endpoint_of(c, assignment.placement, node, ready=True)
+                for c in sorted(found, key=_newest_first)[:1]
+                if c.generation != assignment.generation
+                and _is_running(c)
+                and assignment.app.spec.update.order is UpdateOrder.START_FIRST
+            )
             continue
         step = _plan_replica(ctx, found, book)
         new_books[key] = step.book
         statuses.append(step.status)
         actions.extend(step.actions)
+        endpoints.extend(step.endpoints)
         if step.wake_at is not None:
             wakes.append(step.wake_at)
         if step.probe_target is not None:
@@ -601,6 +557,7 @@ def plan(
         statuses=tuple(statuses),
         next_wake_at=min(wakes) if wakes else None,
         probe_targets=targets,
+        endpoints=tuple(endpoints),
     )
 
 
@@ -611,6 +568,7 @@ class _Step:
     actions: tuple[Action, ...] = ()
     wake_at: float | None = None
     probe_target: ProbeTarget | None = None
+    endpoints: tuple[Endpoint, ...] = ()
 
 
 @attrs.frozen
@@ -657,10 +615,32 @@ class _Ctx:
 
 
 def _plan_replica(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _Step:
+    step = _plan_current(ctx, found, book)
+    if step.status.ready:
+        # The slot's current container takes traffic; an older one (if any) is being removed.
+        keeper = next(c for c in found if c.id == step.status.container_id)
+        ready = endpoint_of(keeper, ctx.assignment.placement, ctx.node, ready=True)
+        return attrs.evolve(step, endpoints=(ready,))
+    # Not ready: an older container the plan keeps running (start-first) still serves.
+    removed = {a.container_id for a in step.actions if isinstance(a, RemoveContainer)}
+    removed |= {cid for a in step.actions if isinstance(a, StartReplica) for cid in a.remove_ids}
+    serving = tuple(
+        endpoint_of(c, ctx.assignment.placement, ctx.node, ready=True)
+        for c in sorted(found, key=_newest_first)
+        if c.generation != ctx.assignment.generation and _is_running(c) and c.id not in removed
+    )
+    return attrs.evolve(step, endpoints=serving[:1])
+
+
+def _plan_current(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _Step:
     key = ctx.assignment.key
     generation = ctx.assignment.generation
     current = sorted((c for c in found if c.generation == generation), key=_newest_first)
     older = [c for c in found if c.generation != generation and c.state.value != "removing"]
+    # Start-first: an older container keeps running (and serving) until its successor is
+    # ready; stop-first (and anything not running) goes first.
+    start_first = ctx.assignment.app.spec.update.order is UpdateOrder.START_FIRST
+    held = [c for c in older if start_first and _is_running(c)]
     actions: list[Action] = []
     keeper = current[0] if current else None
     for extra in current[1:]:
@@ -675,7 +655,7 @@ def _plan_replica(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _
         if keeper is not None and keeper.state.value == "removing":
             status = ctx.status(book, ReplicaState.PENDING, "previous container being removed")
             return _Step(book, status, tuple(actions))
-        remove_ids = tuple(c.id for c in older) + ((keeper.id,) if keeper else ())
+        remove_ids = tuple(c.id for c in older if c not in held) + ((keeper.id,) if keeper else ())
         old_gens = sorted({c.generation for c in older if c.generation is not None})
         why = (
             f"replacing generation {', '.join(map(str, old_gens))} with {generation}"
@@ -695,17 +675,21 @@ def _plan_replica(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _
         actions.append(StartReplica(key, ctx.assignment, remove_ids, why))
         return _Step(book, status, tuple(actions))
 
-    # A usable container of the current generation exists: older ones just go.
-    for old in older:
-        actions.append(
-            RemoveContainer(old.id, key, f"generation {old.generation} replaced", _is_running(old))
-        )
     if _is_running(keeper):
-        return _plan_running(ctx, keeper, book, actions)
-    if not _ended(keeper):  # restarting / unknown: the engine is in the middle of something
+        step = _plan_running(ctx, keeper, book, actions)
+    elif not _ended(keeper):  # restarting / unknown: the engine is in the middle of something
         status = ctx.status(book, ReplicaState.STARTING, keeper.state.value, keeper)
-        return _Step(book, status, tuple(actions))
-    return _plan_ended(ctx, keeper, book, actions)
+        step = _Step(book, status, tuple(actions))
+    else:
+        step = _plan_ended(ctx, keeper, book, actions)
+    # A usable container of the current generation exists: older ones go -- a held one
+    # only once its successor is ready.
+    going = [c for c in older if c not in held or step.status.ready]
+    removals = tuple(
+        RemoveContainer(old.id, key, f"generation {old.generation} replaced", _is_running(old))
+        for old in going
+    )
+    return attrs.evolve(step, actions=(*removals, *step.actions))
 
 
 def _plan_running(

@@ -58,6 +58,7 @@ import trio
 
 from p2porch.node import probes
 from p2porch.node import reconcile_core as core
+from p2porch.node.endpoints import Endpoint
 from p2porch.node.errors import (
     ContainerConflict,
     ContainerNotFound,
@@ -138,6 +139,10 @@ class Reconciler:
         self._halted = False
         self._books: dict[ReplicaKey, ReplicaBook] = {}
         self._statuses: tuple[ReplicaStatus, ...] = ()
+        # The plan's endpoints, and containers being drained (withdrawn, still running).
+        self._plan_endpoints: tuple[Endpoint, ...] = ()
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._draining: set[str] = set()
         self._version = 0
         self._changed = trio.Event()
         self._wake = trio.Event()
@@ -185,6 +190,10 @@ class Reconciler:
     def statuses(self) -> list[ReplicaStatus]:
         """The status of every replica assigned to this node, in (namespace, app, name) order."""
         return list(self._statuses)
+
+    def endpoints(self) -> list[Endpoint]:
+        """Containers of this node that may take traffic now (ready, not being drained)."""
+        return list(self._endpoints)
 
     @property
     def status_version(self) -> int:
@@ -243,7 +252,7 @@ class Reconciler:
                 nursery.start_soon(self._limited, action)
         self._books = {}
         self._set_probe_targets({})
-        self._publish(())
+        self._publish((), ())
 
     def _poke(self) -> None:
         self._wake.set()
@@ -278,7 +287,7 @@ class Reconciler:
         )
         self._books = result.books
         self._set_probe_targets(result.probe_targets)
-        self._publish(result.statuses)
+        self._publish(result.statuses, result.endpoints)
         for action in result.actions:
             self._start_action(action)
         deadline = now + self.config.resync_interval_s
@@ -296,13 +305,20 @@ class Reconciler:
                 self._assignments,
                 self._statuses,
                 f"engine unavailable: {reason}",
-            )
+            ),
+            (),  # nothing can be vouched for while the engine does not answer
         )
 
-    def _publish(self, statuses: tuple[ReplicaStatus, ...]) -> None:
-        if statuses == self._statuses:
+    def _publish(
+        self, statuses: tuple[ReplicaStatus, ...], endpoints: tuple[Endpoint, ...] | None = None
+    ) -> None:
+        if endpoints is not None:
+            self._plan_endpoints = endpoints
+        shown = tuple(e for e in self._plan_endpoints if e.container_id not in self._draining)
+        if statuses == self._statuses and shown == self._endpoints:
             return
         self._statuses = statuses
+        self._endpoints = shown
         self._version += 1
         self._changed.set()
         self._changed = trio.Event()
@@ -445,10 +461,29 @@ class Reconciler:
             key, generation, lambda b: core.after_failure(b, error, terminal, now, self.config)
         )
 
+    async def _drain(self, container_id: str) -> None:
+        """Withdraw a running container from the endpoints, then give the cluster
+        ``drain_s`` to stop sending to it before it is stopped."""
+        if self.config.drain_s <= 0 or container_id in self._draining:
+            return
+        self._draining.add(container_id)
+        self._publish(self._statuses)
+        await trio.sleep(self.config.drain_s)
+
     async def _remove(self, container_id: str, running: bool, why: str) -> None:
-        """Stop gracefully when running, then remove; failures are left for the next pass."""
+        """Stop gracefully when running (drained first), then remove; failures are left for
+        the next pass."""
+        try:
+            await self._remove_now(container_id, running, why)
+        finally:
+            if container_id in self._draining:
+                self._draining.discard(container_id)
+                self._publish(self._statuses)
+
+    async def _remove_now(self, container_id: str, running: bool, why: str) -> None:
         try:
             if running:
+                await self._drain(container_id)
                 try:
                     await self._runtime.stop(container_id, timeout_s=self.config.stop_timeout_s)
                 except ContainerNotFound:

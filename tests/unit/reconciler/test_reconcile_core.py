@@ -29,11 +29,15 @@ from p2porch.node.runtime import ContainerInfo, ContainerState, PublishedPort
 from p2porch.node.spec import (
     App,
     AppSpec,
+    HttpGetAction,
     ObjectMeta,
     PortSpec,
+    Probe,
     Protocol,
     RestartPolicy,
     RestartPolicyKind,
+    UpdateOrder,
+    UpdateStrategy,
 )
 from p2porch.node.state import Placement, ReplicaFact
 
@@ -47,12 +51,16 @@ def make_app(
     generation: int = 1,
     policy: RestartPolicy | None = None,
     replicas: int = 3,
+    order: UpdateOrder = UpdateOrder.START_FIRST,
+    readiness: Probe | None = None,
 ) -> App:
     spec = AppSpec(
         image="p2porch/demo:latest",
         ports=(PortSpec(8080, 30080),),
         replicas=replicas,
         restart_policy=policy or RestartPolicy(),
+        update=UpdateStrategy(order=order, max_unavailable="1"),
+        readiness=readiness,
     )
     return App(ObjectMeta(name), spec).with_generation(generation)
 
@@ -261,7 +269,7 @@ def test_removing_containers_are_left_to_finish() -> None:
 
 
 def test_older_generation_is_replaced_stop_then_start() -> None:
-    a0 = assign(make_app(generation=2))
+    a0 = assign(make_app(generation=2, order=UpdateOrder.STOP_FIRST))
     result = run_plan([a0], [container("c-g1", generation=1)])
     (action,) = result.actions
     assert isinstance(action, StartReplica)
@@ -269,6 +277,44 @@ def test_older_generation_is_replaced_stop_then_start() -> None:
     assert action.why == "replacing generation 1 with 2"
     (status,) = result.statuses
     assert status.state is ReplicaState.PENDING and status.generation == 2
+    assert result.endpoints == ()  # stop-first: nothing serves this slot meanwhile
+
+
+def test_start_first_keeps_the_old_container_serving_until_the_new_one_is_ready() -> None:
+    probe = Probe(http_get=HttpGetAction(8080, "/healthz"))
+    a0 = assign(make_app(generation=2, readiness=probe))
+    old = container("c-g1", generation=1, host_port=32768)
+    # 1. No successor yet: started beside the old one, which stays an endpoint.
+    result = run_plan([a0], [old])
+    (action,) = result.actions
+    assert isinstance(action, StartReplica) and action.remove_ids == ()
+    (endpoint,) = result.endpoints
+    assert (endpoint.container_id, endpoint.revision, endpoint.ready) == ("c-g1", 1, True)
+    assert endpoint.address(8080) == ("127.0.0.2", 32768)
+    # 2. While the start is in flight, the old one still serves.
+    result = run_plan([a0], [old], busy={KEY0: "starting container"})
+    assert [e.container_id for e in result.endpoints] == ["c-g1"]
+    # 3. The successor runs but its readiness probe has not passed: both stay, old serves.
+    new = container("c-g2", generation=2, host_port=32769, started_s=5)
+    result = run_plan([a0], [old, new])
+    assert not any(isinstance(a, RemoveContainer) for a in result.actions)
+    assert [e.container_id for e in result.endpoints] == ["c-g1"]
+    # 4. Without probes the successor is ready at once: old removed, new serves.
+    plain = assign(make_app(generation=2))
+    result = run_plan([plain], [old, new])
+    assert result.actions == (RemoveContainer("c-g1", KEY0, "generation 1 replaced", True),)
+    assert [e.container_id for e in result.endpoints] == ["c-g2"]
+
+
+def test_start_first_successor_that_crashes_leaves_the_old_one_serving() -> None:
+    a0 = assign(make_app(generation=2))
+    old = container("c-g1", generation=1)
+    crashed = exited("c-g2", 1, 5, 6, generation=2)
+    result = run_plan([a0], [old, crashed])
+    assert not any(
+        isinstance(a, RemoveContainer) and a.container_id == "c-g1" for a in result.actions
+    )
+    assert [e.container_id for e in result.endpoints] == ["c-g1"]
 
 
 def test_older_generation_next_to_a_current_one_is_just_removed() -> None:
