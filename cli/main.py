@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
+from urllib.parse import quote
 
 import attrs
 import click
@@ -48,7 +49,7 @@ from p2porch.node.manifest import (
 from p2porch.node.spec import App
 
 from . import output as out
-from .client import ApiClient, ApiError, ClientError, TlsFailure, Unreachable
+from .client import ApiClient, ApiError, BadResponse, ClientError, TlsFailure, Unreachable
 from .config import (
     DEFAULT_PORT,
     ConfigError,
@@ -263,8 +264,13 @@ _DAEMON_FLAGS: tuple[tuple[str, str, str], ...] = (
         "left_grace_s",
         "Seconds a node that stopped gracefully keeps its replicas before they move.",
     ),
+    ("--ingress-port", "ingress_port", "Port of the HTTP ingress (default 80; 0: none)."),
+    ("--dns-port", "dns_port", "Port of the service DNS server (default 53; 0: none)."),
+    ("--dns-domain", "dns_domain", "Domain of service names (default p2porch)."),
 )
 _INT_FLAGS = {"api_port", "raft_port", "gossip_port"}
+# Data-plane ports: 0 turns the service off.
+_OPTIONAL_PORT_FLAGS = {"ingress_port", "dns_port"}
 
 
 # How `join` hands the token to the agent it starts (never on its command line).
@@ -282,6 +288,8 @@ def _daemon_options(func: Callable[..., Any]) -> Callable[..., Any]:
         kind: Any = str
         if param in _INT_FLAGS:
             kind = click.IntRange(1, 65535)
+        elif param in _OPTIONAL_PORT_FLAGS:
+            kind = click.IntRange(0, 65535)
         elif param in ("voter_grace_s", "left_grace_s"):
             kind = click.FloatRange(min=0, min_open=True)
         elif param == "preset":
@@ -336,7 +344,18 @@ def _agent_options_kwargs(opts: Mapping[str, Any], accepted: Sequence[str]) -> d
         "data_dir": Path(opts["data_dir"]).expanduser(),
         "advertise": opts["advertise"],
     }
-    for key in ("join", "token", "name", "api_port", "raft_port", "gossip_port", "preset"):
+    for key in (
+        "join",
+        "token",
+        "name",
+        "api_port",
+        "raft_port",
+        "gossip_port",
+        "preset",
+        "ingress_port",
+        "dns_port",
+        "dns_domain",
+    ):
         if opts.get(key) is not None:
             kwargs[key] = opts[key]
     for key in ("voter_grace_s", "left_grace_s"):
@@ -1499,6 +1518,233 @@ def events(follow: bool, fmt: str) -> None:
                 click.echo(out.event_line(event))
     except KeyboardInterrupt:
         raise click.exceptions.Exit(130) from None
+
+
+# --------------------------------------------------------------------------- rollouts
+
+DEFAULT_ROLLOUT_TIMEOUT_S = 600.0
+# Rollout states after which nothing moves until someone acts (resume, undo, a new apply).
+_HALTED = ("paused", "failed")
+
+
+def _app_path(namespace: str, name: str, *rest: str) -> str:
+    parts = [quote(namespace, safe=""), quote(name, safe=""), *rest]
+    return "/v1/apps/" + "/".join(parts)
+
+
+def _rollout_call(method: str, namespace: str, name: str, *rest: str, body: Any = None) -> Any:
+    answer = api().request(method, _app_path(namespace, name, *rest), body=body)
+    if not isinstance(answer, dict | list):
+        raise BadResponse(f"unexpected answer from {method} {_app_path(namespace, name, *rest)}")
+    return answer
+
+
+class RolloutDisplay(Protocol):
+    def update(self, rollout: Mapping[str, Any], note: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class RolloutLines:
+    """Without a terminal: the status line again whenever it changes (logs, CI)."""
+
+    def __init__(self) -> None:
+        self._last = ""
+
+    def update(self, rollout: Mapping[str, Any], note: str) -> None:
+        line = note or out.rollout_line(rollout)
+        if line != self._last:
+            self._last = line
+            click.echo(line)
+
+    def close(self) -> None:
+        pass
+
+
+class RolloutBars:
+    """On a terminal: two live bars (updated, ready) of the desired count, and the state."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+        from rich.table import Column
+
+        console = Console(file=sys.stdout)
+        # The note is capped to what the line has left: rich would squeeze the bars out.
+        note_width = max(console.width - 44, 10)
+        # Refreshed on each poll, not by a background thread: the display moves exactly
+        # when something new is known.
+        self._progress = Progress(
+            TextColumn("{task.description:>8}", table_column=Column(min_width=8, no_wrap=True)),
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(table_column=Column(min_width=5, no_wrap=True)),
+            TextColumn(
+                "{task.fields[note]}",
+                table_column=Column(no_wrap=True, overflow="ellipsis", max_width=note_width),
+            ),
+            console=console,
+            auto_refresh=False,
+        )
+        self._updated = self._progress.add_task("updated", total=1, note="")
+        self._ready = self._progress.add_task("ready", total=1, note="")
+        self._progress.start()
+
+    def update(self, rollout: Mapping[str, Any], note: str) -> None:
+        total = _count(rollout.get("replicas"))
+        revision = f"revision {out.cell(rollout.get('revision'))}"
+        if rollout.get("fromRevision") and rollout.get("state") != "complete":
+            revision += f" (from {rollout['fromRevision']})"
+        state = out.rollout_state(rollout) if rollout else ""
+        message = rollout.get("message")
+        self._progress.update(
+            self._updated,
+            total=max(total, 1),
+            completed=_count(rollout.get("updated")) if total else 1,
+            note=revision,
+        )
+        self._progress.update(
+            self._ready,
+            total=max(total, 1),
+            completed=_count(rollout.get("ready")) if total else 1,
+            note=note or (f"{state}: {message}" if message else state),
+        )
+        self._progress.refresh()
+
+    def close(self) -> None:
+        self._progress.stop()
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+@cli.group(cls=P2porchGroup)
+def rollout() -> None:
+    """Follow, pause, resume or undo an app's rolling update; list its revisions."""
+
+
+@rollout.command("status")
+@click.argument("name")
+@_namespace_option
+@click.option(
+    "--watch/--no-watch",
+    default=None,
+    help="Follow until the rollout completes, pauses or times out "
+    "(default: when stdout is a terminal).",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_ROLLOUT_TIMEOUT_S,
+    show_default=True,
+    help="Seconds --watch follows before failing.",
+)
+def rollout_status(name: str, namespace: str, watch: bool | None, timeout_s: float) -> None:
+    """Where an app's update stands: revision, updated and ready replicas.
+
+    With --watch, exits 0 once the rollout is complete and 1 if it pauses (a user's pause
+    or a failed update), fails or outlasts --timeout.
+    """
+    if watch is None:
+        watch = out.stdout_is_terminal()
+    if not watch:
+        click.echo(out.rollout_line(_rollout_call("GET", namespace, name, "rollout")))
+        return
+    rt = runtime()
+    start = rt.clock()
+    deadline = start + timeout_s
+    display: RolloutDisplay = RolloutBars() if out.is_terminal(sys.stdout) else RolloutLines()
+    latest: Mapping[str, Any] = {}
+    try:
+        while True:
+            note = ""
+            try:
+                latest = _rollout_call("GET", namespace, name, "rollout")
+            except ApiError as exc:
+                if exc.status == 404:
+                    raise
+                note = f"(retrying: {exc})"
+            except ClientError as exc:  # a node restarting, a leader change: poll again
+                note = f"(retrying: {exc})"
+            if latest or note:
+                display.update(latest, note)
+            state = out.rollout_state(latest) if latest and not note else ""
+            if state == "complete" or state in _HALTED:
+                break
+            now = rt.clock()
+            if now >= deadline:
+                display.close()
+                where = out.rollout_line(latest) if latest else note
+                fail(f"timed out after {timeout_s:g}s: {where}")
+            rt.sleep(min(rt.poll_interval_s, max(deadline - now, 0.0)))
+    finally:
+        display.close()
+    if state == "complete":
+        elapsed = rt.clock() - start
+        click.echo(
+            f"rollout of {namespace}/{name} complete: revision {latest.get('revision')}, "
+            f"{latest.get('ready')}/{latest.get('replicas')} ready ({elapsed:.0f}s)"
+        )
+        return
+    why = latest.get("message") or ("paused by a user" if latest.get("paused") else state)
+    out.echo_err(f"error: rollout of {namespace}/{name} {state}: {why}")
+    out.echo_err(f"  {out.rollout_line(latest)}")
+    ns_flag = f" -n {namespace}" if namespace != "default" else ""
+    out.echo_err(
+        f"  continue it with: p2porch rollout resume {name}{ns_flag}; "
+        f"or go back with: p2porch rollout undo {name}{ns_flag}"
+    )
+    raise click.exceptions.Exit(1)
+
+
+@rollout.command("history")
+@click.argument("name")
+@_namespace_option
+@_output_option
+def rollout_history(name: str, namespace: str, fmt: str) -> None:
+    """An app's revisions, oldest first, with why each was made."""
+    _show(_rollout_call("GET", namespace, name, "revisions"), fmt, out.revisions_table, "revisions")
+
+
+@rollout.command("undo")
+@click.argument("name")
+@_namespace_option
+@click.option(
+    "--to-revision",
+    "to_revision",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Go back to this revision (see rollout history); default: the one before the current.",
+)
+def rollout_undo(name: str, namespace: str, to_revision: int | None) -> None:
+    """Roll an app back to an earlier revision (a new rolling update)."""
+    body = {} if to_revision is None else {"toRevision": to_revision}
+    answer = _rollout_call("POST", namespace, name, "rollout", "undo", body=body)
+    click.echo(f"app {namespace}/{name} rolling back to revision {answer.get('revision')}")
+
+
+def _pause(name: str, namespace: str, paused: bool) -> None:
+    action = "pause" if paused else "resume"
+    answer = _rollout_call("POST", namespace, name, "rollout", action)
+    done = "paused" if paused else "resumed"
+    click.echo(f"rollout of {namespace}/{name} revision {answer.get('revision')} {done}")
+
+
+@rollout.command("pause")
+@click.argument("name")
+@_namespace_option
+def rollout_pause(name: str, namespace: str) -> None:
+    """Stop moving replicas to the new revision (those already moved stay)."""
+    _pause(name, namespace, True)
+
+
+@rollout.command("resume")
+@click.argument("name")
+@_namespace_option
+def rollout_resume(name: str, namespace: str) -> None:
+    """Continue a paused rollout (also one the controller paused after a failure)."""
+    _pause(name, namespace, False)
 
 
 # --------------------------------------------------------------------------- apply --wait

@@ -9,6 +9,7 @@ terminal.
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import shutil
@@ -281,6 +282,60 @@ def moves_table(moves: Sequence[Any]) -> str:
             ("TO", lambda m: dig(m, "to")),
         ],
     )
+
+
+def _epoch(seconds: object) -> str:
+    """Seconds since the epoch as ``2026-11-27 21:00:00 UTC`` ('-' when unknown or 0)."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool) or seconds <= 0:
+        return "-"
+    try:
+        when = dt.datetime.fromtimestamp(seconds, dt.UTC)
+    except (OverflowError, ValueError, OSError):
+        return "-"
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def revisions_table(revisions: Sequence[Any], wide: bool) -> str:
+    """``rollout history``: one row per revision, oldest first (the API's order)."""
+    columns: list[tuple[str, Callable[[Any], object]]] = [
+        ("REVISION", lambda r: dig(r, "revision")),
+        ("CAUSE", lambda r: dig(r, "cause")),
+        ("CREATED", lambda r: _epoch(dig(r, "createdAt"))),
+        ("CURRENT", lambda r: bool(dig(r, "current"))),
+    ]
+    if wide:
+        columns.append(("TEMPLATE", lambda r: dig(r, "summary") or dig(r, "image")))
+    return _rows(revisions, columns)
+
+
+def rollout_state(rollout: Mapping[str, Any]) -> str:
+    """``progressing``, ``paused`` (a user's pause shows as paused too), ``complete``..."""
+    state = str(rollout.get("state") or "unknown")
+    if rollout.get("paused") and state == "progressing":
+        return "paused"
+    return state
+
+
+def rollout_line(rollout: Mapping[str, Any]) -> str:
+    """``default/web revision 2: progressing, 1/3 updated, 1/3 ready (from revision 1)``."""
+    total = cell(rollout.get("replicas"))
+    text = (
+        f"{rollout.get('namespace')}/{rollout.get('app')} revision {cell(rollout.get('revision'))}"
+        f": {rollout_state(rollout)}, {cell(rollout.get('updated'))}/{total} updated, "
+        f"{cell(rollout.get('ready'))}/{total} ready"
+    )
+    notes = []
+    if rollout.get("state") != "complete":
+        if rollout.get("rollbackOf"):
+            notes.append(f"rolling back revision {rollout['rollbackOf']}")
+        elif rollout.get("fromRevision"):
+            notes.append(f"from revision {rollout['fromRevision']}")
+        if rollout.get("paused"):
+            notes.append("paused by a user")
+    if notes:
+        text += f" ({', '.join(notes)})"
+    message = rollout.get("message")
+    return f"{text}: {message}" if message else text
 
 
 # --------------------------------------------------------------------------- events, errors

@@ -17,8 +17,10 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
+import inspect
 import json
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -33,6 +35,16 @@ from p2porch.consensus.service import RequestTimeout
 from p2porch.node.errors import ManifestError, NodeError
 from p2porch.node.http import HttpError, HttpServer, Request, Response, Router
 from p2porch.node.manifest import parse_manifests, to_manifest
+from p2porch.node.reconcile_core import ReplicaState, ReplicaStatus
+from p2porch.node.revisions import (
+    NothingToUndo,
+    RevisionNotFound,
+    describe_change,
+    revision_json,
+    rolled_back,
+    rollout_json,
+    undo_target,
+)
 from p2porch.node.scheduler import NodeStatus, SlotId, rebalance, schedule
 from p2porch.node.spec import App, Namespace, replica_name
 from p2porch.node.state import (
@@ -41,12 +53,14 @@ from p2porch.node.state import (
     DeleteApp,
     DeleteNamespace,
     DeleteSecret,
+    PauseRollout,
     PutApp,
     PutNamespace,
     RemoveNode,
     SetNodeDrained,
     decode_command,
 )
+from p2porch.node.traffic import ENDPOINTS_CONTENT_TYPE
 
 if TYPE_CHECKING:
     from p2porch.node.daemon import Agent
@@ -128,6 +142,29 @@ def to_json(value: object) -> Any:
     return str(value)
 
 
+def _status_from_json(row: object, node: str) -> ReplicaStatus | None:
+    """A replica object of ``/v1/local/replicas`` -> a status (None when malformed)."""
+    if not isinstance(row, dict):
+        return None
+    try:
+        slot, generation = row["slot"], row["generation"]
+        if not isinstance(slot, int) or not isinstance(generation, int):
+            return None
+        return ReplicaStatus(
+            name=str(row["name"]),
+            namespace=str(row["namespace"]),
+            app=str(row["app"]),
+            slot=slot,
+            node=node,
+            generation=generation,
+            state=ReplicaState(row.get("state", "unknown")),
+            restarts=int(row.get("restarts") or 0),
+            probes_ready=bool(row.get("ready", row.get("state") == "running")),
+        )
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
 def _hint(key: bytes) -> str:
     """A short public name for a gossip key (never the key): first 8 hex of its SHA-256."""
     return hashlib.sha256(key).hexdigest()[:8]
@@ -179,6 +216,8 @@ class Api:
         r("POST", "/v1/users", self.create_user)
         r("POST", "/v1/keys/rotate", self.rotate_keys)
         r("GET", "/v1/internal/keyring", self.internal_keyring)
+        r("GET", "/v1/internal/endpoints", self.internal_endpoints)
+        r("GET", "/v1/endpoints", self.endpoints)
         r("GET", "/v1/secrets", self.secrets)
         r("PUT", "/v1/secrets/{ns}/{name}", self.put_secret)
         r("DELETE", "/v1/secrets/{ns}/{name}", self.delete_secret)
@@ -190,6 +229,11 @@ class Api:
         r("PUT", "/v1/apps/{ns}/{name}", self.put_app)
         r("DELETE", "/v1/apps/{ns}/{name}", self.delete_app)
         r("POST", "/v1/apps/{ns}/{name}/scale", self.scale)
+        r("GET", "/v1/apps/{ns}/{name}/rollout", self.rollout)
+        r("GET", "/v1/apps/{ns}/{name}/revisions", self.revisions)
+        r("POST", "/v1/apps/{ns}/{name}/rollout/pause", self.rollout_pause)
+        r("POST", "/v1/apps/{ns}/{name}/rollout/resume", self.rollout_resume)
+        r("POST", "/v1/apps/{ns}/{name}/rollout/undo", self.rollout_undo)
         r("POST", "/v1/apply", self.apply)
         r("POST", "/v1/delete", self.delete_documents)
         r("GET", "/v1/replicas", self.replicas)
@@ -352,6 +396,8 @@ class Api:
                 # What was dropped at each boundary: refused TLS peers, bad frames, packets
                 # failing authentication (``gossip.bad_auth``), ...
                 "counters": self._counters(),
+                # The data plane: endpoint exchange, mesh, ingress, DNS (node/traffic.py).
+                "traffic": self.agent.traffic.status() if self.agent.traffic else {},
             }
         )
 
@@ -521,6 +567,34 @@ class Api:
             return forwarded
         return Response.json(await self.agent.rotate_gossip_key())
 
+    async def internal_endpoints(self, request: Request) -> Response:
+        """This node's endpoint record (node/endpoints.py), codec-encoded, for peers."""
+        traffic = self.agent.traffic
+        if traffic is None:
+            raise HttpError(503, "unavailable", "the data plane is not running yet")
+        return Response(body=traffic.local_record(), content_type=ENDPOINTS_CONTENT_TYPE)
+
+    async def endpoints(self, request: Request) -> Response:
+        """Every endpoint this node knows (``?namespace=``, ``?app=``; ``?all=1`` includes
+        unready ones): what its mesh, ingress and DNS route to right now."""
+        traffic = self.agent.traffic
+        if traffic is None:
+            return Response.json([])
+        namespace, app = request.query.get("namespace"), request.query.get("app")
+        ready_only = request.query.get("all") not in ("1", "true")
+        rows = []
+        for node in traffic.table.nodes():
+            record = traffic.table.record(node)
+            if record is None:
+                continue
+            for ep in record.endpoints:
+                if (namespace and ep.namespace != namespace) or (app and ep.app != app):
+                    continue
+                if ready_only and not ep.ready:
+                    continue
+                rows.append(to_json(ep))
+        return Response.json(rows)
+
     async def internal_keyring(self, request: Request) -> Response:
         assert self.agent.gossip is not None
         keyring = self.agent.gossip.keyring
@@ -687,7 +761,9 @@ class Api:
             raise HttpError(400, "invalid", "expected kind: App")
         if (obj.meta.namespace, obj.meta.name) != (request.params["ns"], request.params["name"]):
             raise HttpError(400, "invalid", "metadata.name/namespace do not match the URL")
-        await self._commit(PutApp(obj, expected))
+        old = self.state.apps.get(f"{obj.meta.namespace}/{obj.meta.name}")
+        cause = describe_change(None if old is None else old.spec, obj.spec)
+        await self._commit(PutApp(obj, expected, cause=cause, at_s=time.time()))
         return Response.json(self._app_json(self._get_app(obj.meta.namespace, obj.meta.name)))
 
     async def delete_app(self, request: Request) -> Response:
@@ -708,7 +784,10 @@ class Api:
             spec = attrs.evolve(app.spec, replicas=replicas)
         except ValueError as exc:
             raise HttpError(400, "invalid", f"replicas: {exc}") from None
-        await self._commit(PutApp(attrs.evolve(app, spec=spec), app.meta.generation))
+        # A scale never changes the template, so it records no revision and no cause.
+        await self._commit(
+            PutApp(attrs.evolve(app, spec=spec), app.meta.generation, at_s=time.time())
+        )
         return Response.json(self._app_json(self._get_app(app.meta.namespace, app.meta.name)))
 
     async def apply(self, request: Request) -> Response:
@@ -733,8 +812,10 @@ class Api:
                     }
                 )
             else:
-                existed = f"{obj.meta.namespace}/{obj.meta.name}" in self.state.apps
-                result = await self._commit(PutApp(obj))
+                old = self.state.apps.get(f"{obj.meta.namespace}/{obj.meta.name}")
+                existed = old is not None
+                cause = describe_change(None if old is None else old.spec, obj.spec)
+                result = await self._commit(PutApp(obj, cause=cause, at_s=time.time()))
                 results.append(
                     {
                         "kind": "App",
@@ -768,6 +849,110 @@ class Api:
                 await self._commit(DeleteApp(obj.meta.namespace, obj.meta.name))
                 results.append({"kind": "App", "name": key, "action": "deleted"})
         return Response.json({"results": results})
+
+    # ------------------------------------------------------------------ rollouts
+
+    async def _replica_statuses(self, nodes: Iterable[str]) -> list[ReplicaStatus]:
+        """Replica statuses as their owners report them.
+
+        From the agent's endpoint table (``agent.replica_statuses()``) when it has one; else
+        by asking each of ``nodes`` the way ``GET /v1/replicas`` does (an unreachable node
+        contributes nothing: its replicas count as not ready).
+        """
+        source = getattr(self.agent, "replica_statuses", None)
+        if callable(source):
+            found = source()
+            if inspect.isawaitable(found):
+                found = await found
+            return [s for s in found if isinstance(s, ReplicaStatus)]
+        reports: dict[str, dict[str, dict[str, Any]] | None] = {}
+
+        async def fetch(name: str) -> None:
+            reports[name] = await self._node_statuses(name)
+
+        async with trio.open_nursery() as nursery:
+            for name in sorted(set(nodes)):
+                nursery.start_soon(fetch, name)
+        statuses = []
+        for node_name, rows in sorted(reports.items()):
+            for row in (rows or {}).values():
+                status = _status_from_json(row, node_name)
+                if status is not None:
+                    statuses.append(status)
+        return statuses
+
+    async def _rollout_body(self, namespace: str, name: str) -> dict[str, Any]:
+        key = f"{namespace}/{name}"
+        self._get_app(namespace, name)  # 404 before asking any node
+        owners = {p.node for s, p in self.state.placements.items() if s.app == key}
+        statuses = await self._replica_statuses(owners)
+        state = self.state  # read after the await: the answer is as of now
+        app = self._get_app(namespace, name)
+        placements = [p for s, p in state.placements.items() if s.app == key]
+        return rollout_json(
+            app, state.current_revision(key), state.rollouts.get(key), placements, statuses
+        )
+
+    async def rollout(self, request: Request) -> Response:
+        if (forwarded := await self._consistent(request)) is not None:
+            return forwarded
+        return Response.json(
+            await self._rollout_body(request.params["ns"], request.params["name"])
+        )
+
+    async def revisions(self, request: Request) -> Response:
+        if (forwarded := await self._consistent(request)) is not None:
+            return forwarded
+        ns, name = request.params["ns"], request.params["name"]
+        self._get_app(ns, name)
+        key = f"{ns}/{name}"
+        current = self.state.current_revision(key)
+        history = self.state.revisions.get(key, ())
+        return Response.json([revision_json(r, current) for r in history])
+
+    async def _pause(self, request: Request, paused: bool) -> Response:
+        if (forwarded := await self._on_leader(request)) is not None:
+            return forwarded
+        ns, name = request.params["ns"], request.params["name"]
+        await self._commit(PauseRollout(ns, name, paused, time.time()))
+        return Response.json(await self._rollout_body(ns, name))
+
+    async def rollout_pause(self, request: Request) -> Response:
+        return await self._pause(request, True)
+
+    async def rollout_resume(self, request: Request) -> Response:
+        return await self._pause(request, False)
+
+    async def rollout_undo(self, request: Request) -> Response:
+        if (forwarded := await self._on_leader(request)) is not None:
+            return forwarded
+        ns, name = request.params["ns"], request.params["name"]
+        body = request.json()
+        if not isinstance(body, dict):
+            raise HttpError(400, "invalid", 'expected {} or {"toRevision": N}')
+        to_revision = body.get("toRevision")
+        if to_revision is not None and (
+            not isinstance(to_revision, int) or isinstance(to_revision, bool) or to_revision < 1
+        ):
+            raise HttpError(400, "invalid", "toRevision: expected an integer >= 1")
+        app = self._get_app(ns, name)
+        history = self.state.revisions.get(f"{ns}/{name}", ())
+        try:
+            target = undo_target(history, to_revision)
+            undone = rolled_back(app, target)
+        except RevisionNotFound as exc:
+            raise HttpError(404, "not_found", f"app {ns}/{name}: {exc}") from None
+        except NothingToUndo as exc:
+            raise HttpError(409, "conflict", f"app {ns}/{name}: {exc}") from None
+        await self._commit(
+            PutApp(
+                undone,
+                app.meta.generation,
+                cause=f"undo to revision {target.revision}",
+                at_s=time.time(),
+            )
+        )
+        return Response.json(await self._rollout_body(ns, name))
 
     # ------------------------------------------------------------------ replicas
 

@@ -50,11 +50,13 @@ from p2porch.consensus.storage import Storage
 from p2porch.consensus.transport import TcpTransport, TlsTransport
 from p2porch.gossip.config import GossipConfig
 from p2porch.gossip.keyring import Keyring, generate_key, load_keyring, save_keyring
-from p2porch.gossip.messages import EventKind, MemberState
+from p2porch.gossip.messages import Event, EventKind, MemberState
 from p2porch.gossip.service import GossipService
 from p2porch.gossip.tls_transport import TlsGossipTransport
 from p2porch.node.api import Api, to_json
 from p2porch.node.errors import NodeError
+from p2porch.node.reconcile_core import ReplicaStatus
+from p2porch.node.rollout import plan_rollouts
 from p2porch.node.scheduler import NodeStatus, schedule
 from p2porch.node.security import (
     CLUSTER_MATERIAL,
@@ -73,6 +75,7 @@ from p2porch.node.state import (
     GossipKeys,
     JoinTokenRecord,
     NodeRecord,
+    PutApp,
     PutNode,
     PutSecret,
     RemoveNode,
@@ -85,6 +88,7 @@ from p2porch.node.state import (
     decode_command,
     encode_command,
 )
+from p2porch.node.traffic import Traffic
 
 log = logging.getLogger("p2porch.agent")
 
@@ -130,6 +134,11 @@ class AgentOptions:
     # placed before they move. Its containers keep running meanwhile, so moving them at once
     # would only make duplicates.
     left_grace_s: float = 60.0
+    # The data plane (node/traffic.py): the HTTP ingress and service DNS listen on the
+    # advertise address; 0 turns one off.
+    ingress_port: int = 80
+    dns_port: int = 53
+    dns_domain: str = "p2porch"
 
     def __attrs_post_init__(self) -> None:
         if self.preset not in ("local", "lan", "wan"):
@@ -143,6 +152,9 @@ class AgentOptions:
             raise ValueError("voter_grace_s must be > 0")
         if self.left_grace_s < 0:
             raise ValueError("left_grace_s must be >= 0")
+        for port in (self.ingress_port, self.dns_port):
+            if not 0 <= port < 65536:
+                raise ValueError(f"port {port} out of range (0 turns the service off)")
 
 
 @attrs.frozen
@@ -176,6 +188,10 @@ class NodeMeta:
 
     api_address: str
     raft_address: str
+    # Appended: the node's endpoint record stamp (node/endpoints.py). Gossip carries only
+    # this; a peer that sees a newer one fetches the record from the node's API.
+    endpoints_epoch: int = 0
+    endpoints_version: int = 0
 
 
 # --------------------------------------------------------------------------- helpers
@@ -295,6 +311,7 @@ class Agent:
         self.applied_gossip_keys_version = 0
         self._retired_http: list[httpx.AsyncClient] = []
         self._rng = random.Random()
+        self.traffic: Traffic | None = None  # the data plane, once the identity is known
 
     # ---- state access
 
@@ -577,6 +594,7 @@ class Agent:
         )
         for node in self.state.nodes.values():
             self.raft.set_peer_address(node.name, node.raft_address)
+        self.traffic = Traffic(self)
         meta = codec.encode(NodeMeta(identity.api_address, identity.raft_address))
         seeds = [p["gossipAddress"] for n, p in peers.items() if n != identity.name]
         self.gossip = GossipService(
@@ -603,6 +621,7 @@ class Agent:
                 nursery.start_soon(self._renew_certificate)
                 if opts.runtime:
                     await self._start_reconciler(nursery)
+                await self._start_traffic(nursery)
                 # After the reconciler exists: its first desired set comes from here.
                 nursery.start_soon(self._follow_state)
                 nursery.start_soon(self._signals)
@@ -621,6 +640,48 @@ class Agent:
         self.reconciler = Reconciler(runtime, self.name, self.options.advertise)
         await nursery.start(self.reconciler.run)
         nursery.start_soon(self._report_facts)
+
+    async def _start_traffic(self, nursery: trio.Nursery) -> None:
+        """The data plane: endpoint exchange, then the mesh, the ingress and DNS."""
+        traffic = self.traffic
+        assert traffic is not None
+        nursery.start_soon(traffic.follow_reconciler)
+        nursery.start_soon(traffic.fetch_loop)
+        nursery.start_soon(traffic.anti_entropy)
+        traffic.on_change(self._traffic_changed)
+        await traffic.run_services(nursery)
+
+    def _traffic_changed(self) -> None:
+        """Readiness moved: a leader with a rollout under way looks again at once."""
+        if (
+            self.raft is not None
+            and self.raft.is_leader
+            and any(r.state == "progressing" and not r.paused for r in self.state.rollouts.values())
+        ):
+            self._members_changed.set()
+            self._members_changed = trio.Event()
+
+    def announce_endpoints(self, stamp: tuple[int, int]) -> None:
+        """Put our endpoint record's stamp in our gossip metadata (peers then fetch it)."""
+        if self.gossip is None or self.identity is None:
+            return
+        identity = self.identity
+        meta = NodeMeta(identity.api_address, identity.raft_address, stamp[0], stamp[1])
+        self.gossip.set_meta(codec.encode(meta))
+
+    @staticmethod
+    def decode_meta(meta: bytes) -> NodeMeta | None:
+        if not meta:
+            return None
+        try:
+            node_meta: NodeMeta = codec.decode(meta, NodeMeta)
+        except CodecError:
+            return None
+        return node_meta
+
+    def replica_statuses(self) -> list[ReplicaStatus]:
+        """Every node's replica statuses, as the endpoint table holds them (the owners' word)."""
+        return self.traffic.table.replicas() if self.traffic is not None else []
 
     async def _report_facts(self) -> None:
         """Log terminal replica facts (cannot start, ...) so every node can show them."""
@@ -711,6 +772,11 @@ class Agent:
         assert self.gossip is not None
         async for event in self.gossip.events():
             kind = getattr(event, "kind", None)
+            if self.traffic is not None:
+                if isinstance(event, Event):
+                    self.traffic.on_gossip_event(event)
+                else:
+                    self.traffic.resync()
             if kind is not None:
                 member = event.member  # type: ignore[union-attr]
                 self._learn_address(member.name, member.meta)
@@ -759,6 +825,8 @@ class Agent:
                     if app is not None:
                         apps[(*app.key, app.meta.generation)] = app
                 self.reconciler.set_desired(placements, list(apps.values()))
+            if self.traffic is not None:
+                self.traffic.routes_changed()
             await changed.wait()
 
     def _forget_cluster_material(self) -> None:
@@ -868,7 +936,26 @@ class Agent:
         command = self.state.decision_command(decision)
         if command is not None:
             await self.propose(command)
+        await self._advance_rollouts()
         await self._manage_membership(live)
+
+    async def _advance_rollouts(self) -> None:
+        """One step of every rolling update (node/rollout.py decides, we commit)."""
+        if self.traffic is None or not any(
+            r.state == "progressing" and not r.paused for r in self.state.rollouts.values()
+        ):
+            return
+        for command in plan_rollouts(self.state, self.traffic.slot_health(), time.time()):
+            result = await self.propose(command)
+            if result.error:
+                log.info("rollout step refused: %s", result.error)
+            elif isinstance(command, PutApp):
+                log.warning(
+                    "rollout of %s/%s: %s",
+                    command.app.meta.namespace,
+                    command.app.meta.name,
+                    command.cause,
+                )
 
     async def _manage_membership(self, live: dict[str, NodeStatus]) -> None:
         """Promote caught-up learners up to 5 voters; replace voters dead past the grace."""

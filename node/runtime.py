@@ -246,9 +246,9 @@ class ContainerRequest:
     def for_replica(cls, app: App, replica: str, *, publish: bool = True) -> ContainerRequest:
         """The request for one replica of ``app``.
 
-        Ports with a ``published_port`` are bound to it; ports without one (or all ports when
-        ``publish`` is False) get a free host port on the advertise address, so probes and
-        the proxy can still reach each replica over loopback/the node address.
+        With ``publish`` False (the default: the routing mesh owns published TCP ports),
+        every TCP port gets a free host port on the advertise address, where probes, the mesh
+        and the ingress reach the replica; UDP published ports are bound directly.
         """
         spec = app.spec
         return cls(
@@ -261,7 +261,13 @@ class ContainerRequest:
             args=spec.args,
             env=tuple((var.name, var.value) for var in spec.env),
             ports=tuple(
-                PortBinding(p.container_port, p.published_port if publish else None, p.protocol)
+                PortBinding(
+                    p.container_port,
+                    # The routing mesh serves published TCP ports; UDP has no mesh, so a
+                    # UDP published port is bound by the replica itself (one per node).
+                    p.published_port if publish or p.protocol is Protocol.UDP else None,
+                    p.protocol,
+                )
                 for p in spec.ports
             ),
             cpu_request_millicores=spec.resources.cpu_request_millicores,
@@ -697,6 +703,10 @@ class DockerRuntime:
         # shows the same state and dropped on any engine event for that container or any
         # operation of ours on it.
         self._inspected: dict[str, tuple[ContainerState, ContainerInfo]] = {}
+        # Service DNS for containers (node/traffic.py sets it when the node's DNS server is
+        # reachable from containers): resolver addresses and the cluster's DNS domain.
+        self.dns_servers: tuple[str, ...] = ()
+        self.dns_domain = ""
 
     @classmethod
     async def connect(
@@ -892,6 +902,14 @@ class DockerRuntime:
 
         return await self._run(f"creating replica {request.replica}", create)
 
+    def _dns_kwargs(self, request: ContainerRequest) -> dict[str, Any]:
+        """The node's resolver, searching the replica's namespace first (``web`` resolves
+        within it, ``web.shop`` reaches namespace shop)."""
+        if not self.dns_servers:
+            return {}
+        search = [f"{request.namespace}.{self.dns_domain}", self.dns_domain]
+        return {"dns": list(self.dns_servers), "dns_search": search}
+
     def _create_kwargs(self, request: ContainerRequest, name: str) -> dict[str, Any]:
         api = self._client.api
         port_bindings: dict[str, tuple[str, ...] | tuple[str, int]] = {}
@@ -932,6 +950,7 @@ class DockerRuntime:
             "mounts": mounts,
             "init": True,
             "restart_policy": {"Name": "no"},
+            **self._dns_kwargs(request),
             "log_config": docker.types.LogConfig(
                 type="json-file",
                 config={

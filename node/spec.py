@@ -578,7 +578,10 @@ class UpdateStrategy:
                 "failure_action", f"expected pause or rollback, got {_show(self.failure_action)}"
             )
         if self.max_surge in ("0", "0%") and self.max_unavailable in ("0", "0%"):
-            raise _fail("max_unavailable", "maxSurge and maxUnavailable cannot both be 0: nothing could be replaced")
+            raise _fail(
+                "max_unavailable",
+                "maxSurge and maxUnavailable cannot both be 0: nothing could be replaced",
+            )
 
     def batch(self, replicas: int) -> int:
         """Replicas replaced at once: the surge (start-first) or the unavailable budget."""

@@ -25,7 +25,7 @@ import attrs
 from p2porch.common import codec
 from p2porch.node.errors import NodeError
 from p2porch.node.scheduler import Decision, NodeStatus, SchedApp, SchedNode, SlotId
-from p2porch.node.spec import App, AppSpec, Namespace
+from p2porch.node.spec import App, AppSpec, Namespace, Protocol
 
 DEFAULT_NAMESPACE = "default"
 
@@ -774,10 +774,12 @@ class ClusterState:
                 cpu_request_millis=app.spec.resources.cpu_request_millicores,
                 memory_request_bytes=app.spec.resources.memory_request_bytes,
                 constraints=app.spec.placement,
+                # Published TCP ports belong to every node's routing mesh, not to a replica;
+                # a published UDP port is bound by the replica itself: one per node.
                 host_ports=frozenset(
                     f"{port.published_port}/{port.protocol.value}"
                     for port in app.spec.ports
-                    if port.published_port is not None
+                    if port.published_port is not None and port.protocol is Protocol.UDP
                 ),
                 blocked=self._missing_secrets(app),
             )

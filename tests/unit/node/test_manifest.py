@@ -144,9 +144,11 @@ def test_demo_example_parses() -> None:
     assert isinstance(app, App)
     assert app.spec.replicas == 3 and app.spec.image == "p2porch/demo:latest"
     assert app.spec.env_dict["MESSAGE"]
-    # No fixed host port: each replica gets a free one, so any node can take any replica.
+    # The published port belongs to the routing mesh; the ingress routes every host's "/".
     assert app.spec.ports[0].container_port == 8080
-    assert app.spec.ports[0].published_port is None
+    assert app.spec.ports[0].published_port == 30080
+    assert [(r.host, r.path, r.port) for r in app.spec.ingress] == [("", "/", 8080)]
+    assert app.spec.update.order.value == "start-first"
 
 
 def test_every_example_parses() -> None:

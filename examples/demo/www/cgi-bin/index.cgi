@@ -4,6 +4,8 @@
 # own environment through, so the container's env reaches this script.
 replica="${P2PORCH_REPLICA:-$(hostname)}"
 message="${MESSAGE:-Hello from p2porch}"
+# The ingress adds X-Forwarded-For (the client's address); without it, the peer is the proxy.
+client="${HTTP_X_FORWARDED_FOR:-$REMOTE_ADDR}"
 
 escape() {
   printf '%s' "$1" | sed -e 's/&/\&amp;/g' -e 's/</\&lt;/g' -e 's/>/\&gt;/g' -e 's/"/\&quot;/g'
@@ -19,6 +21,7 @@ cat <<PAGE
 <body>
 <h1 id="message">$(escape "$message")</h1>
 <p>Served by replica <code id="replica">$(escape "$replica")</code>.</p>
+<p>Your address: <code id="client">$(escape "$client")</code>.</p>
 </body>
 </html>
 PAGE

@@ -1,0 +1,430 @@
+"""The node's data plane: endpoint exchange, service DNS, the routing mesh and the ingress.
+
+Endpoint exchange (node/endpoints.py has the why): this node publishes its own record each
+time its reconciler's statuses or endpoints change -- into its own table at once, and as a
+new stamp in its gossip metadata. A peer whose metadata shows a stamp newer than the table
+holds is asked for its record (``GET /v1/internal/endpoints``, node certificates only). A
+member gossip declares dead or left is dropped from the table at once, so the mesh and the
+ingress stop choosing its replicas the moment its death is known. An anti-entropy pass
+every few seconds repairs anything a lost fetch or a dropped event missed.
+
+The services read the table on every connection or query; what they serve (published ports,
+ingress routes, app names) follows the replicated state. Each can be turned off (port 0)
+and none stops the node when its port cannot be bound: the failure is in ``status()``.
+
+The leader's rollout controller gets its view of replica health from here too
+(:meth:`Traffic.slot_health`): the owner's statuses, with how long the leader has seen each
+replica ready measured on the leader's own clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import trio
+
+from p2porch.common import codec
+from p2porch.common.errors import CodecError
+from p2porch.gossip.messages import Event, EventKind, Member
+from p2porch.node.balance import Strategy
+from p2porch.node.endpoints import EndpointTable, NodeEndpoints
+from p2porch.node.reconcile_core import ReplicaState, ReplicaStatus
+from p2porch.node.rollout import SlotHealth
+from p2porch.node.scheduler import SlotId
+from p2porch.node.spec import App, Protocol
+
+if TYPE_CHECKING:
+    from p2porch.node.daemon import Agent
+
+log = logging.getLogger("p2porch.traffic")
+
+ENDPOINTS_PATH = "/v1/internal/endpoints"
+ENDPOINTS_CONTENT_TYPE = "application/x-p2porch-codec"
+# Anti-entropy: compare every live member's gossiped stamp with the table this often.
+ANTI_ENTROPY_S = 5.0
+FETCH_TIMEOUT_S = 3.0
+FETCH_RETRY_S = 1.0
+MAX_RECORD_BYTES = 8 << 20
+
+_GONE = (EventKind.DEAD, EventKind.LEFT, EventKind.REAPED)
+
+
+def _strategy(app: App) -> Strategy:
+    return Strategy(app.spec.balance.value)
+
+
+def _reachable_from_containers(address: str) -> bool:
+    """A container's loopback is its own: only a non-loopback node address reaches the host."""
+    try:
+        return not ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_resolvers(path: str = "/etc/resolv.conf") -> tuple[tuple[str, int], ...]:
+    """The host's nameservers (IP literals only, loopback stubs excluded: a container
+    forwarding through us must not reach the host's 127.0.0.53)."""
+    out: list[tuple[str, int]] = []
+    try:
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ()
+    for line in lines:
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                ip = ipaddress.ip_address(parts[1].split("%", 1)[0])
+            except ValueError:
+                continue
+            if not ip.is_loopback:
+                out.append((str(ip), 53))
+    return tuple(out[:3])
+
+
+def _decode_record(resp: httpx.Response) -> NodeEndpoints:
+    if resp.status_code != 200 or len(resp.content) > MAX_RECORD_BYTES:
+        raise ValueError(f"HTTP {resp.status_code}, {len(resp.content)} bytes")
+    record: NodeEndpoints = codec.decode(resp.content, NodeEndpoints)
+    return record
+
+
+def slot_failure(status: ReplicaStatus) -> str:
+    """Why a replica counts as failed for a rollout ("" when it does not)."""
+    if status.terminal:
+        return status.reason or status.state.value
+    if status.state is ReplicaState.FAILED:
+        return status.reason or "process ended"
+    if status.restarts > 0:
+        last = f" (last: {status.last_termination})" if status.last_termination else ""
+        return f"restarted {status.restarts} time(s){last}"
+    return ""
+
+
+class Traffic:
+    """Owns the endpoint table and the data-plane services of one agent."""
+
+    def __init__(self, agent: Agent, *, clock: Callable[[], float] = trio.current_time) -> None:
+        self.agent = agent
+        self.node = agent.name
+        self.table = EndpointTable(self.node)
+        self._clock = clock
+        # Our record's stamp: the epoch makes a restarted node's versions newer than its last.
+        self._epoch = time.time_ns()
+        self._version = 0
+        self._wanted: dict[str, tuple[int, int]] = {}  # node -> newest stamp gossip showed
+        self._api: dict[str, str] = {}  # node -> API address, from its gossip metadata
+        self._fetching: set[str] = set()
+        self._fetch_wake = trio.Event()
+        self._ready_since: dict[tuple[str, str, int, str, int, str], float] = {}
+        self.table.on_change(self._table_changed)
+        self._listeners: list[Callable[[], None]] = []
+        self.counters = {
+            "fetches": 0,
+            "fetch_failures": 0,
+            "records_refused": 0,
+            "nodes_dropped": 0,
+            "published": 0,
+        }
+        self.status_errors: dict[str, str] = {}
+        self.mesh: Any = None
+        self.ingress: Any = None
+        self.dns: Any = None
+
+    # ---- our own record
+
+    def stamp(self) -> tuple[int, int]:
+        return (self._epoch, self._version)
+
+    def publish_local(self) -> None:
+        """Put this node's current endpoints and statuses in the table and announce them."""
+        reconciler = self.agent.reconciler
+        endpoints = tuple(reconciler.endpoints()) if reconciler is not None else ()
+        statuses = tuple(reconciler.statuses()) if reconciler is not None else ()
+        record = self.table.record(self.node)
+        if record is not None and (record.endpoints, record.replicas) == (endpoints, statuses):
+            return
+        self._version += 1
+        self.table.update(NodeEndpoints(self.node, self._epoch, self._version, endpoints, statuses))
+        self.counters["published"] += 1
+        self.agent.announce_endpoints(self.stamp())
+
+    def local_record(self) -> bytes:
+        """Our record, encoded, as ``GET /v1/internal/endpoints`` serves it."""
+        record = self.table.record(self.node) or NodeEndpoints(
+            self.node, self._epoch, self._version
+        )
+        return codec.encode(record)
+
+    async def follow_reconciler(self) -> None:
+        """Publish our record on every change of the reconciler's statuses or endpoints."""
+        self.publish_local()
+        reconciler = self.agent.reconciler
+        if reconciler is None:
+            return
+        seen = 0
+        while True:
+            seen = await reconciler.wait_statuses_changed(seen)
+            self.publish_local()
+
+    # ---- peers' records
+
+    def on_member(
+        self,
+        member: Member,
+        kind: EventKind | None,
+        meta_stamp: tuple[int, int] | None,
+        api_address: str | None,
+    ) -> None:
+        """A gossip event (or a resync entry) about ``member``."""
+        name = member.name
+        if name == self.node:
+            return
+        if kind in _GONE:
+            self._forget(name)
+            return
+        if api_address:
+            self._api[name] = api_address
+        if meta_stamp is not None and meta_stamp > (self.table.stamp(name) or (0, 0)):
+            self._wanted[name] = meta_stamp
+            self._fetch_wake.set()
+
+    def _forget(self, name: str) -> None:
+        self._wanted.pop(name, None)
+        if self.table.drop_node(name):
+            self.counters["nodes_dropped"] += 1
+            log.info("endpoints of %s dropped (gone)", name)
+
+    def on_gossip_event(self, event: Event) -> None:
+        meta = self.agent.decode_meta(event.member.meta)
+        stamp = (meta.endpoints_epoch, meta.endpoints_version) if meta else None
+        self.on_member(event.member, event.kind, stamp, meta.api_address if meta else None)
+
+    async def fetch_loop(self) -> None:
+        """Fetch the records gossip says are newer than ours (one request per node at once)."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._fetch_wake = trio.Event()
+                for name, stamp in list(self._wanted.items()):
+                    if name in self._fetching:
+                        continue
+                    if stamp <= (self.table.stamp(name) or (0, 0)):
+                        self._wanted.pop(name, None)
+                        continue
+                    self._fetching.add(name)
+                    nursery.start_soon(self._fetch, name)
+                await self._fetch_wake.wait()
+
+    async def _fetch(self, name: str) -> None:
+        try:
+            address = self._api.get(name)
+            if address is None:
+                node = self.agent.state.nodes.get(name)
+                address = node.api_address if node is not None else None
+            if address is None or self.agent.http is None:
+                return
+            self.counters["fetches"] += 1
+            try:
+                resp = await self.agent.http.get(
+                    f"https://{address}{ENDPOINTS_PATH}", timeout=FETCH_TIMEOUT_S
+                )
+                record = _decode_record(resp)
+            except (httpx.HTTPError, ValueError, CodecError) as exc:
+                self.counters["fetch_failures"] += 1
+                log.debug("fetching endpoints of %s: %s", name, exc)
+                await trio.sleep(FETCH_RETRY_S)
+                return
+            if record.node != name:
+                self.counters["records_refused"] += 1
+                log.warning("node %s answered with the endpoints of %r: refused", name, record.node)
+                return
+            if self.agent.member_status(name) in ("dead", "left"):
+                return  # it died while we asked: do not bring its replicas back
+            self.table.update(record)
+        finally:
+            self._fetching.discard(name)
+            self._fetch_wake.set()
+
+    async def anti_entropy(self) -> None:
+        """Every few seconds: fetch what gossip shows newer, drop members gossip lost."""
+        while True:
+            await trio.sleep(ANTI_ENTROPY_S)
+            self.resync()
+
+    def resync(self) -> None:
+        gossip = self.agent.gossip
+        if gossip is None:
+            return
+        alive: set[str] = {self.node}
+        for member in gossip.members():
+            state = member.state.name.lower()
+            if state in ("dead", "left"):
+                continue
+            alive.add(member.name)
+            meta = self.agent.decode_meta(member.meta)
+            stamp = (meta.endpoints_epoch, meta.endpoints_version) if meta else None
+            self.on_member(member, None, stamp, meta.api_address if meta else None)
+        for name in self.table.nodes():
+            if name not in alive:
+                self._forget(name)
+
+    # ---- the leader's view
+
+    def _table_changed(self) -> None:
+        now = self._clock()
+        seen: set[tuple[str, str, int, str, int, str]] = set()
+        for status in self.table.replicas():
+            if status.ready:
+                key = (
+                    status.namespace,
+                    status.app,
+                    status.slot,
+                    status.node,
+                    status.generation,
+                    status.container_id,
+                )
+                seen.add(key)
+                self._ready_since.setdefault(key, now)
+        for key in [k for k in self._ready_since if k not in seen]:
+            del self._ready_since[key]
+        for listener in list(self._listeners):
+            listener()
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def slot_health(self) -> dict[SlotId, SlotHealth]:
+        """Per slot, what its owner says (the newest revision when two nodes report one)."""
+        now = self._clock()
+        out: dict[SlotId, SlotHealth] = {}
+        placements = self.agent.state.placements
+        for status in self.table.replicas():
+            slot = SlotId(f"{status.namespace}/{status.app}", status.slot)
+            placement = placements.get(slot)
+            if placement is not None and placement.node != status.node:
+                continue  # a stale report from the node the slot left
+            key = (
+                status.namespace,
+                status.app,
+                status.slot,
+                status.node,
+                status.generation,
+                status.container_id,
+            )
+            since = self._ready_since.get(key)
+            out[slot] = SlotHealth(
+                node=status.node,
+                revision=status.generation,
+                ready=status.ready,
+                ready_for_s=0.0 if since is None else now - since,
+                failure=slot_failure(status),
+            )
+        return out
+
+    # ---- services
+
+    def routes_changed(self) -> None:
+        """Hand the services what the replicated state says they serve."""
+        apps = list(self.agent.state.apps.values())
+        if self.mesh is not None:
+            from p2porch.node.mesh import MeshRoute
+
+            self.mesh.set_routes(
+                MeshRoute(
+                    namespace=app.meta.namespace,
+                    app=app.meta.name,
+                    published_port=port.published_port,
+                    container_port=port.container_port,
+                    proxy_protocol=port.proxy_protocol,
+                    strategy=_strategy(app),
+                )
+                for app in apps
+                for port in app.spec.ports
+                if port.published_port is not None and port.protocol is Protocol.TCP
+            )
+        if self.ingress is not None:
+            from p2porch.node.ingress import IngressRule
+
+            self.ingress.set_rules(
+                IngressRule(
+                    host=route.host,
+                    path=route.path,
+                    namespace=app.meta.namespace,
+                    app=app.meta.name,
+                    container_port=route.port,
+                    strategy=_strategy(app),
+                )
+                for app in apps
+                for route in app.spec.ingress
+            )
+        if self.dns is not None:
+            self.dns.set_apps((app.meta.namespace, app.meta.name) for app in apps)
+
+    async def run_services(self, nursery: trio.Nursery) -> None:
+        """Start the mesh, the ingress and DNS (those whose port is not 0)."""
+        opts = self.agent.options
+        host = opts.advertise
+        from p2porch.node.mesh import Mesh, MeshConfig
+
+        self.mesh = Mesh(self.table, host, MeshConfig(), self.node)
+        await nursery.start(self.mesh.run)
+        if opts.ingress_port:
+            from p2porch.node.ingress import Ingress, IngressConfig
+
+            self.ingress = Ingress(self.table, host, opts.ingress_port, IngressConfig(), self.node)
+            await self._start_service(nursery, self.ingress, "ingress", opts.ingress_port)
+        if opts.dns_port:
+            from p2porch.node.dns import DnsConfig, DnsServer
+
+            reachable = _reachable_from_containers(host) and opts.dns_port == 53
+            # Names outside the cluster go to the host's resolvers, so containers that use
+            # this server still resolve the world; a loopback-only node (tests) forwards
+            # nothing (no container can reach it anyway).
+            upstreams = _host_resolvers() if reachable else ()
+            config = DnsConfig(domain=opts.dns_domain, upstreams=upstreams)
+            self.dns = DnsServer(self.table, host, opts.dns_port, config)
+            await self._start_service(nursery, self.dns, "dns", opts.dns_port)
+            reconciler = self.agent.reconciler
+            if self.dns is not None and reachable and reconciler is not None:
+                reconciler.runtime.dns_servers = (host,)
+                reconciler.runtime.dns_domain = config.domain
+        self.routes_changed()
+
+    async def _start_service(
+        self, nursery: trio.Nursery, service: Any, what: str, port: int
+    ) -> None:
+        try:
+            await nursery.start(service.run)
+        except OSError as exc:
+            # The node runs without it (and says so in /v1/status): a taken port 80 must
+            # not stop the orchestrator.
+            log.warning(
+                "%s cannot listen on %s:%d: %s", what, self.agent.options.advertise, port, exc
+            )
+            self.status_errors[what] = f"cannot listen on port {port}: {exc.strerror or exc}"
+            if what == "ingress":
+                self.ingress = None
+            else:
+                self.dns = None
+
+    def status(self) -> dict[str, Any]:
+        """What /v1/status shows of the data plane."""
+        out: dict[str, Any] = {
+            "endpoints": {
+                "stamp": list(self.stamp()),
+                "nodes": self.table.nodes(),
+                **self.counters,
+            }
+        }
+        for what in ("mesh", "ingress", "dns"):
+            service = getattr(self, what)
+            if service is not None:
+                out[what] = service.status()
+            elif what in self.status_errors:
+                out[what] = {"error": self.status_errors[what]}
+        return out
