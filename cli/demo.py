@@ -8,7 +8,11 @@
    reuses the agents that answer and restarts the ones that do not (their data dirs rejoin);
 3. applies examples/demo.yaml (3 replicas of a page showing $MESSAGE and the replica's name)
    and waits until they run;
-4. prints where each replica runs and fetches each page once over loopback.
+4. prints where each replica runs and fetches each page once over loopback;
+5. the traffic tour: requests through the HTTP ingress (any node, port 8000) show the three
+   replica names; scale to 5 and back; change MESSAGE and watch the rolling update while a
+   bounded load loop keeps requesting through the ingress, then print how many requests
+   failed (the target is none). ``--no-tour`` skips it.
 
 The agents' API is HTTPS only (mutual TLS 1.3): the demo talks to every node with the admin
 credentials the first node wrote (``demo-cluster/n1/client.yaml``: the cluster CA, an admin
@@ -41,6 +45,11 @@ from .config import ConfigError, target_from_config
 ROOT = Path(__file__).resolve().parent.parent
 HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
 API_PORT = 7950
+# The data plane on high ports, so the demo needs no root: HTTP ingress and service DNS.
+INGRESS_PORT = 8000
+DNS_PORT = 8053
+MESH_PORT = 30080
+MESSAGES = ("Hello from p2porch", "Hello again, from a rolling update")
 
 
 def client_config(base: Path) -> Path:
@@ -85,6 +94,10 @@ def _start_agent(
         host,
         "--name",
         name,
+        "--ingress-port",
+        str(INGRESS_PORT),
+        "--dns-port",
+        str(DNS_PORT),
     ]
     if join is not None and not (data_dir / "node.json").exists():
         cmd += ["--join", join[0], "--token", join[1]]
@@ -140,7 +153,9 @@ def _build_images() -> None:
         print(f"image {tag}: ready")
 
 
-def run_demo(base: Path | None = None, down: bool = False, purge: bool = False) -> int:
+def run_demo(
+    base: Path | None = None, down: bool = False, purge: bool = False, tour: bool = True
+) -> int:
     base = base or Path.cwd() / "demo-cluster"
     if down:
         return _down(base, purge)
@@ -214,8 +229,132 @@ def run_demo(base: Path | None = None, down: bool = False, purge: bool = False) 
         except httpx.HTTPError as exc:
             shown = f"(no answer: {exc})"
         print(f"  {row['name']:<10} on {row['node']:<4} {url:<28} {shown}")
+    if tour:
+        _tour(base)
     print(next_steps(base))
     return 0
+
+
+# --------------------------------------------------------------------------- the traffic tour
+
+
+def _ingress_page(host: str, timeout_s: float = 3.0) -> tuple[str, str]:
+    """(replica, message) of one request through ``host``'s ingress."""
+    page = httpx.get(f"http://{host}:{INGRESS_PORT}/", timeout=timeout_s).text
+    message = re.search(r'id="message">([^<]*)<', page)
+    replica = re.search(r'id="replica">([^<]*)<', page)
+    if message is None or replica is None:
+        raise ValueError(f"not the demo page: {page.strip()[:80]!r}")
+    return html.unescape(replica.group(1)), html.unescape(message.group(1))
+
+
+def _ready_endpoints(base: Path, host: str) -> int:
+    try:
+        with api_client(base, host, timeout_s=3.0) as client:
+            rows = client.request("GET", "/v1/endpoints", params={"app": "hello"})
+    except (ClientError, ConfigError):
+        return -1
+    return len(rows) if isinstance(rows, list) else -1
+
+
+def _wait_endpoints(base: Path, count: int) -> None:
+    _wait(
+        lambda: all(_ready_endpoints(base, h) == count for h in HOSTS),
+        120,
+        f"{count} ready replicas known on every node",
+    )
+
+
+def _names_through_ingress(requests: int) -> str:
+    seen: dict[str, int] = {}
+    for i in range(requests):
+        replica, _ = _ingress_page(HOSTS[i % len(HOSTS)])
+        seen[replica] = seen.get(replica, 0) + 1
+    return ", ".join(f"{name} x{n}" for name, n in sorted(seen.items()))
+
+
+class _LoadLoop:
+    """Requests through the ingress at a steady rate, in a thread, for at most ``max_s``."""
+
+    def __init__(self, host: str, rate: float = 50.0, max_s: float = 180.0) -> None:
+        import threading
+
+        self.host, self.rate, self.max_s = host, rate, max_s
+        self.answered = 0
+        self.failed: list[str] = []
+        self.messages: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> _LoadLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.max_s
+        next_at = time.monotonic()
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                _, message = _ingress_page(self.host)
+                self.answered += 1
+                self.messages[message] = self.messages.get(message, 0) + 1
+            except (httpx.HTTPError, ValueError) as exc:
+                self.failed.append(str(exc))
+            next_at += 1 / self.rate
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+
+def _tour(base: Path) -> None:
+    _wait_endpoints(base, 3)
+    print(f"\nThrough the HTTP ingress (any node, port {INGRESS_PORT}), requests spread:")
+    print(f"  curl http://{HOSTS[0]}:{INGRESS_PORT}/   -> {_names_through_ingress(9)}")
+    print(f"  (the routing mesh answers on every node too: http://{HOSTS[1]}:{MESH_PORT}/)")
+    with api_client(base, HOSTS[0], timeout_s=30.0) as client:
+        client.scale("default", "hello", 5)
+        _wait_endpoints(base, 5)
+        print(f"\nScaled to 5:  {_names_through_ingress(15)}")
+        client.scale("default", "hello", 3)
+        _wait_endpoints(base, 3)
+        print(f"Back to 3:    {_names_through_ingress(9)}")
+        app = client.app("default", "hello")
+    env = app["spec"].get("env") or []
+    current = next((e["value"] for e in env if e.get("name") == "MESSAGE"), MESSAGES[0])
+    new = MESSAGES[1] if current == MESSAGES[0] else MESSAGES[0]
+    for item in env:
+        if item.get("name") == "MESSAGE":
+            item["value"] = new
+    manifest = {k: v for k, v in app.items() if k in ("apiVersion", "kind", "metadata", "spec")}
+    print(f"\nRolling update: MESSAGE -> {new!r}, while 50 requests/s go through the ingress")
+    with _LoadLoop(HOSTS[2]) as load:
+        time.sleep(1.0)
+        with api_client(base, HOSTS[0], timeout_s=30.0) as client:
+            client.apply([manifest])
+            started = time.monotonic()
+            last = ""
+            while time.monotonic() - started < 150:
+                status = client.request("GET", "/v1/apps/default/hello/rollout")
+                line = (
+                    f"  revision {status.get('revision')}: {status.get('updated')}/"
+                    f"{status.get('replicas')} updated, {status.get('ready')} ready, "
+                    f"{status.get('state')}"
+                )
+                if line != last:
+                    print(f"{line}  ({time.monotonic() - started:4.1f} s)")
+                    last = line
+                if status.get("state") in ("complete", "paused"):
+                    break
+                time.sleep(0.25)
+        time.sleep(1.0)
+    print(
+        f"  {load.answered + len(load.failed)} requests during the rollout, "
+        f"{len(load.failed)} failed; answers by message: {load.messages}"
+    )
+    for failure in load.failed[:3]:
+        print(f"    failed: {failure}")
 
 
 def next_steps(base: Path) -> str:
@@ -226,6 +365,9 @@ def next_steps(base: Path) -> str:
         "  .venv/bin/p2porch get nodes            # who leads, who is alive\n"
         "  .venv/bin/p2porch get replicas -o wide\n"
         "  .venv/bin/p2porch scale hello=5\n"
+        f"  curl http://{HOSTS[0]}:{INGRESS_PORT}/             # any node's ingress\n"
+        "  .venv/bin/p2porch rollout status hello  # after changing MESSAGE in examples/demo.yaml\n"
+        "  .venv/bin/p2porch rollout undo hello\n"
         f"  kill -9 $(cat {base}/n3/agent.pid)   # watch its replica move\n"
         "  .venv/bin/p2porch demo --down          # stop it all"
     )

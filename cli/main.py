@@ -569,7 +569,12 @@ def join(peer: str, token: str, timeout_s: float, **opts: Any) -> None:
 )
 @click.option("--down", is_flag=True, help="Stop the demo's agents and remove its containers.")
 @click.option("--purge", is_flag=True, help="With --down: also delete the demo's data.")
-def demo(base: Path | None, down: bool, purge: bool) -> None:
+@click.option(
+    "--tour/--no-tour",
+    default=True,
+    help="After the app runs: ingress, scaling and a rolling update under load (default on).",
+)
+def demo(base: Path | None, down: bool, purge: bool, tour: bool) -> None:
     """Run a local 3-node cluster with the demo app (what scripts/demo.sh runs)."""
     if purge and not down:
         raise click.UsageError("--purge goes with --down")
@@ -582,7 +587,7 @@ def demo(base: Path | None, down: bool, purge: bool) -> None:
         return
     run_demo = module.run_demo
     accepted = inspect.signature(run_demo).parameters
-    given = {"base": base, "down": down, "purge": purge}
+    given = {"base": base, "down": down, "purge": purge, "tour": tour}
     code = run_demo(**{k: v for k, v in given.items() if k in accepted})
     raise click.exceptions.Exit(code if isinstance(code, int) else 0)
 
