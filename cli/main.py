@@ -209,6 +209,8 @@ class GetGroup(P2porchGroup):
         "node": "nodes",
         "namespace": "namespaces",
         "ns": "namespaces",
+        "endpoint": "endpoints",
+        "ep": "endpoints",
     }
 
 
@@ -1089,6 +1091,23 @@ def get_replicas(namespace: str | None, all_namespaces: bool, app: str | None, f
     """Replicas with their node and state."""
     ns = _list_namespace(namespace, all_namespaces)
     _show(api().replicas(ns, app), fmt, out.replicas_table, "replicas")
+
+
+@get.command("endpoints")
+@_with_list_ns
+@click.option("--app", default=None, help="Only endpoints of this app.")
+@_output_option
+def get_endpoints(namespace: str | None, all_namespaces: bool, app: str | None, fmt: str) -> None:
+    """Ready replicas as the asked node routes to them (mesh, ingress, DNS)."""
+    ns = _list_namespace(namespace, all_namespaces)
+    params: dict[str, str | int] = {}
+    if ns:
+        params["namespace"] = ns
+    if app:
+        params["app"] = app
+    _show(
+        api().request("GET", "/v1/endpoints", params=params), fmt, out.endpoints_table, "endpoints"
+    )
 
 
 @get.command("nodes")

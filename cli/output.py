@@ -231,6 +231,31 @@ def replicas_table(replicas: Sequence[Any], wide: bool) -> str:
     return _rows(replicas, columns, styled_columns=("STATE",))
 
 
+def _endpoint_address(endpoint: Any) -> str:
+    ports = dig(endpoint, "ports") or []
+    return ", ".join(
+        f"{dig(p, 'containerPort')}->{dig(p, 'host')}:{dig(p, 'hostPort')}"
+        for p in ports
+        if isinstance(p, dict)
+    )
+
+
+def endpoints_table(endpoints: Sequence[Any], wide: bool) -> str:
+    """What the asked node's mesh, ingress and DNS route to right now."""
+    columns: list[tuple[str, Callable[[Any], object]]] = [
+        ("REPLICA", lambda e: dig(e, "replica")),
+        ("NAMESPACE", lambda e: dig(e, "namespace")),
+        ("APP", lambda e: dig(e, "app")),
+        ("NODE", lambda e: dig(e, "node")),
+        ("REVISION", lambda e: dig(e, "revision")),
+        ("READY", lambda e: dig(e, "ready")),
+        ("ADDRESS", _endpoint_address),
+    ]
+    if wide:
+        columns.append(("CONTAINER", lambda e: str(dig(e, "containerId") or "")[:12]))
+    return _rows(endpoints, columns)
+
+
 def nodes_table(nodes: Sequence[Any], wide: bool) -> str:
     columns: list[tuple[str, Callable[[Any], object]]] = [
         ("NAME", lambda n: dig(n, "name")),

@@ -250,3 +250,30 @@ def test_pause_and_resume(run: Cli, api: FakeApi) -> None:
     result = run("rollout", "pause", "web")
     assert result.exit_code == 1
     assert "error: conflict: app default/web has no rollout in progress" in result.stderr
+
+
+# --------------------------------------------------------------------------- get endpoints
+
+
+def test_get_endpoints_table_and_filters(run: Cli, api: FakeApi) -> None:
+    endpoint = {
+        "namespace": "default",
+        "app": "web",
+        "slot": 0,
+        "replica": "web-0",
+        "node": "n1",
+        "revision": 2,
+        "containerId": "abcdef0123456789",
+        "ports": [
+            {"containerPort": 8080, "host": "127.0.0.2", "hostPort": 32768, "protocol": "tcp"}
+        ],
+        "ready": True,
+    }
+    api.json_route("GET", "/v1/endpoints", [endpoint])
+    result = run("get", "ep", "--app", "web", "-n", "default")
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.splitlines()
+    assert header.split() == ["REPLICA", "NAMESPACE", "APP", "NODE", "REVISION", "READY", "ADDRESS"]
+    assert row.split()[-1] == "8080->127.0.0.2:32768"
+    assert api.calls() == ["GET /v1/endpoints"]
+    assert dict(api.requests[-1].url.params) == {"namespace": "default", "app": "web"}
