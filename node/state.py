@@ -475,6 +475,7 @@ class ClusterState:
             )
         if old is not None and old.spec == cmd.app.spec and old.meta.labels == meta.labels:
             return ()  # applying the same manifest twice is a no-op, not a new generation
+        self._check_published_ports(key, cmd.app)
         app = cmd.app.with_generation(current + 1)
         self.apps[key] = app
         changes = [Change("app", key, app)]
@@ -483,6 +484,20 @@ class ClusterState:
             del self.pending[slot]
         changes.extend(self._new_revision(key, app, cmd))
         return tuple(changes)
+
+    def _check_published_ports(self, key: str, app: App) -> None:
+        """A published port is served by every node's mesh (TCP) or bound on every node
+        running a replica (UDP): two apps cannot share one."""
+        mine = {(p.published_port, p.protocol) for p in app.spec.ports if p.published_port}
+        for other_key, other in sorted(self.apps.items()):
+            if other_key == key:
+                continue
+            for port in other.spec.ports:
+                if (port.published_port, port.protocol) in mine:
+                    raise StateError(
+                        f"published port {port.published_port}/{port.protocol.value} is "
+                        f"already used by app {other_key}"
+                    )
 
     def _new_revision(self, key: str, app: App, cmd: PutApp) -> list[Change]:
         """Record the app's template as a revision if it changed, and start a rollout."""

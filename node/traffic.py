@@ -34,6 +34,7 @@ from p2porch.common.errors import CodecError
 from p2porch.gossip.messages import Event, EventKind, Member
 from p2porch.node.balance import Strategy
 from p2porch.node.endpoints import EndpointTable, NodeEndpoints
+from p2porch.node.errors import NodeError
 from p2porch.node.reconcile_core import ReplicaState, ReplicaStatus
 from p2porch.node.rollout import SlotHealth
 from p2porch.node.scheduler import SlotId
@@ -334,19 +335,25 @@ class Traffic:
         if self.mesh is not None:
             from p2porch.node.mesh import MeshRoute
 
-            self.mesh.set_routes(
-                MeshRoute(
-                    namespace=app.meta.namespace,
-                    app=app.meta.name,
-                    published_port=port.published_port,
-                    container_port=port.container_port,
-                    proxy_protocol=port.proxy_protocol,
-                    strategy=_strategy(app),
-                )
-                for app in apps
-                for port in app.spec.ports
-                if port.published_port is not None and port.protocol is Protocol.TCP
-            )
+            routes: dict[int, MeshRoute] = {}
+            for app in sorted(apps, key=lambda a: a.key):
+                for port in app.spec.ports:
+                    if port.published_port is None or port.protocol is not Protocol.TCP:
+                        continue
+                    # The state refuses a second app on a published port; were one to slip
+                    # through (an older log), the first app in key order keeps the port.
+                    routes.setdefault(
+                        port.published_port,
+                        MeshRoute(
+                            namespace=app.meta.namespace,
+                            app=app.meta.name,
+                            published_port=port.published_port,
+                            container_port=port.container_port,
+                            proxy_protocol=port.proxy_protocol,
+                            strategy=_strategy(app),
+                        ),
+                    )
+            self.mesh.set_routes(routes.values())
         if self.ingress is not None:
             from p2porch.node.ingress import IngressRule
 
@@ -400,13 +407,15 @@ class Traffic:
     ) -> None:
         try:
             await nursery.start(service.run)
-        except OSError as exc:
+        except (OSError, NodeError) as exc:
             # The node runs without it (and says so in /v1/status): a taken port 80 must
             # not stop the orchestrator.
             log.warning(
                 "%s cannot listen on %s:%d: %s", what, self.agent.options.advertise, port, exc
             )
-            self.status_errors[what] = f"cannot listen on port {port}: {exc.strerror or exc}"
+            self.status_errors[what] = (
+                f"cannot listen on port {port}: {getattr(exc, 'strerror', None) or exc}"
+            )
             if what == "ingress":
                 self.ingress = None
             else:

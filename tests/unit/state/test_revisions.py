@@ -314,3 +314,16 @@ def test_app_for_runs_the_placements_revision_with_the_current_replicas() -> Non
         assert running.spec.balance is Balance.LEAST_CONNECTIONS
     log.apply(DeleteApp("default", "web"))
     assert log.state.app_for(old) is None
+
+
+def test_a_published_port_belongs_to_one_app() -> None:
+    log = Log()
+    published = (PortSpec(8080, 30080),)
+    web = App(ObjectMeta(name="web"), AppSpec(image="demo:1", ports=published))
+    assert log.apply(PutApp(web)).error is None
+    other = App(ObjectMeta(name="api"), AppSpec(image="demo:1", ports=(PortSpec(9090, 30080),)))
+    result = log.apply(PutApp(other))
+    assert result.error == "published port 30080/tcp is already used by app default/web"
+    # The same app may keep (and change around) its own port.
+    web2 = App(ObjectMeta(name="web"), AppSpec(image="demo:2", ports=published))
+    assert log.apply(PutApp(web2)).error is None
