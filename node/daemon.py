@@ -749,7 +749,10 @@ class Agent:
                 # our replicas go next is the leader's business, not something to wait for.
                 def done() -> bool:
                     me = self.state.nodes.get(self.name)
-                    idle = self.reconciler is None or not self.reconciler.statuses()
+                    # Statuses go at once; the removals (each drained first) take longer.
+                    idle = self.reconciler is None or (
+                        not self.reconciler.statuses() and self.reconciler.is_idle()
+                    )
                     return me is not None and me.removed and idle
 
                 while not done():

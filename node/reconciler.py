@@ -191,6 +191,10 @@ class Reconciler:
         """The status of every replica assigned to this node, in (namespace, app, name) order."""
         return list(self._statuses)
 
+    def is_idle(self) -> bool:
+        """No engine action in flight (a drain counts: its container still runs)."""
+        return self._idle.is_set()
+
     def endpoints(self) -> list[Endpoint]:
         """Containers of this node that may take traffic now (ready, not being drained)."""
         return list(self._endpoints)
