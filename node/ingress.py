@@ -572,6 +572,7 @@ class _IdlePool:
         self.keepalive_s = keepalive_s
         self.per_address = per_address
         self._idle: dict[Address, list[tuple[float, _Upstream]]] = {}
+        self.parked = trio.Event()  # set while anything is parked (wakes the sweeper)
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._idle.values())
@@ -588,6 +589,7 @@ class _IdlePool:
     def park(self, up: _Upstream, now: float) -> None:
         parked = self._idle.setdefault(up.address, [])
         parked.append((now, up))
+        self.parked.set()
         while len(parked) > self.per_address:
             parked.pop(0)[1].close()
 
@@ -603,6 +605,8 @@ class _IdlePool:
                 self._idle[address] = keep
             else:
                 del self._idle[address]
+        if not self._idle:
+            self.parked = trio.Event()
 
     def close_all(self) -> None:
         for parked in self._idle.values():
@@ -720,6 +724,9 @@ class Ingress:
 
     async def _sweep_idle(self) -> None:
         while True:
+            if not len(self._pool):
+                # Nothing parked: sleep until something is (an idle node must not wake).
+                await self._pool.parked.wait()
             await trio.sleep(self.config.upstream_keepalive_s)
             self._pool.sweep(trio.current_time())
 

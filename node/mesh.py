@@ -282,6 +282,7 @@ class Mesh:
         self._source = None if _is_wildcard(listen_host) else listen_host
         self._listeners: dict[int, _Listener] = {}
         self._nursery: trio.Nursery | None = None
+        self._bind_failed = trio.Event()  # set when a listener loses or cannot take its port
         self._totals = RouteStats()
         self._draining: set[_Listener] = set()
 
@@ -391,6 +392,7 @@ class Mesh:
             if listener.error != str(exc):
                 log.warning("mesh: cannot listen on %s:%d: %s", self.listen_host, port, exc)
             listener.error = str(exc)
+            self._bind_failed.set()
             return
         listener.sock = trio.socket.from_stdlib_socket(raw)
         listener.error = None
@@ -406,6 +408,10 @@ class Mesh:
 
     async def _retry_binds(self) -> None:
         while True:
+            if all(listener.sock is not None for listener in self._listeners.values()):
+                # Every port bound: sleep until one fails (an idle node must not wake).
+                self._bind_failed = trio.Event()
+                await self._bind_failed.wait()
             await trio.sleep(self.config.bind_retry_interval_s)
             for listener in list(self._listeners.values()):
                 if listener.sock is None:
@@ -431,6 +437,7 @@ class Mesh:
                         continue
                     # Anything else: drop the socket; the retry loop binds it again.
                     listener.error = str(exc)
+                    self._bind_failed.set()
                     if listener.sock is sock:
                         listener.sock = None
                     sock.close()
