@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import attrs
 import docker
 import docker.errors
 import pytest
@@ -386,3 +387,25 @@ def test_health_check_config() -> None:
         app="a", namespace="default", replica="a-0", generation=0, image="i", health=check
     )
     assert rt._create_kwargs(request, "x")["healthcheck"] == check.to_engine()
+
+
+def test_udp_published_ports_are_bound_by_the_replica_tcp_ones_left_to_the_mesh() -> None:
+    app = attrs.evolve(
+        demo_app(),
+        spec=attrs.evolve(
+            demo_app().spec,
+            ports=(PortSpec(8080, 30080), PortSpec(53, 30053, Protocol.UDP)),
+        ),
+    )
+    request = ContainerRequest.for_replica(app, "hello-2", publish=False)
+    assert request.ports == (PortBinding(8080, None), PortBinding(53, 30053, Protocol.UDP))
+
+
+def test_containers_get_the_node_resolver_and_their_namespace_first() -> None:
+    rt = offline_runtime()
+    request = ContainerRequest.for_replica(demo_app(), "hello-2")
+    assert "dns" not in rt._create_kwargs(request, "x")["host_config"]
+    rt.dns_servers, rt.dns_domain = ("192.168.1.10",), "p2porch"
+    host = rt._create_kwargs(request, "x")["host_config"]
+    assert host["Dns"] == ["192.168.1.10"]
+    assert host["DnsSearch"] == ["shop.p2porch", "p2porch"]
