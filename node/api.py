@@ -17,10 +17,9 @@ from __future__ import annotations
 import base64
 import enum
 import hashlib
-import inspect
 import json
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -35,7 +34,6 @@ from p2porch.consensus.service import RequestTimeout
 from p2porch.node.errors import ManifestError, NodeError
 from p2porch.node.http import HttpError, HttpServer, Request, Response, Router
 from p2porch.node.manifest import parse_manifests, to_manifest
-from p2porch.node.reconcile_core import ReplicaState, ReplicaStatus
 from p2porch.node.revisions import (
     NothingToUndo,
     RevisionNotFound,
@@ -140,29 +138,6 @@ def to_json(value: object) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-
-def _status_from_json(row: object, node: str) -> ReplicaStatus | None:
-    """A replica object of ``/v1/local/replicas`` -> a status (None when malformed)."""
-    if not isinstance(row, dict):
-        return None
-    try:
-        slot, generation = row["slot"], row["generation"]
-        if not isinstance(slot, int) or not isinstance(generation, int):
-            return None
-        return ReplicaStatus(
-            name=str(row["name"]),
-            namespace=str(row["namespace"]),
-            app=str(row["app"]),
-            slot=slot,
-            node=node,
-            generation=generation,
-            state=ReplicaState(row.get("state", "unknown")),
-            restarts=int(row.get("restarts") or 0),
-            probes_ready=bool(row.get("ready", row.get("state") == "running")),
-        )
-    except (KeyError, ValueError, TypeError):
-        return None
 
 
 def _hint(key: bytes) -> str:
@@ -852,42 +827,12 @@ class Api:
 
     # ------------------------------------------------------------------ rollouts
 
-    async def _replica_statuses(self, nodes: Iterable[str]) -> list[ReplicaStatus]:
-        """Replica statuses as their owners report them.
-
-        From the agent's endpoint table (``agent.replica_statuses()``) when it has one; else
-        by asking each of ``nodes`` the way ``GET /v1/replicas`` does (an unreachable node
-        contributes nothing: its replicas count as not ready).
-        """
-        source = getattr(self.agent, "replica_statuses", None)
-        if callable(source):
-            found = source()
-            if inspect.isawaitable(found):
-                found = await found
-            return [s for s in found if isinstance(s, ReplicaStatus)]
-        reports: dict[str, dict[str, dict[str, Any]] | None] = {}
-
-        async def fetch(name: str) -> None:
-            reports[name] = await self._node_statuses(name)
-
-        async with trio.open_nursery() as nursery:
-            for name in sorted(set(nodes)):
-                nursery.start_soon(fetch, name)
-        statuses = []
-        for node_name, rows in sorted(reports.items()):
-            for row in (rows or {}).values():
-                status = _status_from_json(row, node_name)
-                if status is not None:
-                    statuses.append(status)
-        return statuses
-
     async def _rollout_body(self, namespace: str, name: str) -> dict[str, Any]:
         key = f"{namespace}/{name}"
-        self._get_app(namespace, name)  # 404 before asking any node
-        owners = {p.node for s, p in self.state.placements.items() if s.app == key}
-        statuses = await self._replica_statuses(owners)
-        state = self.state  # read after the await: the answer is as of now
         app = self._get_app(namespace, name)
+        # The owners' word, as the endpoint exchange brought it to this node.
+        statuses = self.agent.replica_statuses()
+        state = self.state
         placements = [p for s, p in state.placements.items() if s.app == key]
         return rollout_json(
             app, state.current_revision(key), state.rollouts.get(key), placements, statuses
@@ -896,9 +841,7 @@ class Api:
     async def rollout(self, request: Request) -> Response:
         if (forwarded := await self._consistent(request)) is not None:
             return forwarded
-        return Response.json(
-            await self._rollout_body(request.params["ns"], request.params["name"])
-        )
+        return Response.json(await self._rollout_body(request.params["ns"], request.params["name"]))
 
     async def revisions(self, request: Request) -> Response:
         if (forwarded := await self._consistent(request)) is not None:

@@ -73,12 +73,6 @@ class FakeAgent:
         return self.statuses
 
 
-class FallbackAgent(FakeAgent):
-    """An agent before the lead wires ``replica_statuses``: the API asks the owners."""
-
-    replica_statuses = None  # type: ignore[assignment]
-
-
 ADMIN = pki.PeerIdentity("ada", pki.ROLE_ADMIN, "c1", 1, dt.datetime(2099, 1, 1, tzinfo=dt.UTC))
 VIEWER = attrs.evolve(ADMIN, name="val", role=pki.ROLE_VIEWER)
 
@@ -180,19 +174,6 @@ async def test_rollout_status(api: Api, agent: FakeAgent) -> None:
     ]
     missing = await refused(api, "GET", "/v1/apps/default/nope/rollout")
     assert (missing.status, missing.code) == (404, "not_found")
-
-
-async def test_rollout_status_falls_back_to_asking_the_owners() -> None:
-    agent = FallbackAgent()
-    api = Api(agent)  # type: ignore[arg-type]
-    await call(api, "PUT", "/v1/apps/default/web", manifest(replicas=1))
-    agent.commit(ApplyDecision((Placement("default", "web", 0, "n1", 1),), ()))
-    agent.reconciler.rows = [running(0, "n1", 1, ready=False)]
-    body = await call(api, "GET", "/v1/apps/default/web/rollout")
-    assert (body["state"], body["updated"], body["ready"]) == ("complete", 1, 0)
-    agent.reconciler.rows = [running(0, "n1", 1)]
-    body = await call(api, "GET", "/v1/apps/default/web/rollout")
-    assert (body["ready"], body["slots"][0]["state"]) == (1, "running")
 
 
 async def test_revisions_list(api: Api, agent: FakeAgent) -> None:
@@ -310,7 +291,9 @@ def test_routes_are_registered(api: Api) -> None:
     patterns = {(m, r.pattern) for m, r, _h in api.router._routes}
     for method, path, _role in ROUTES:
         concrete = path.replace("/default/web/", "/{ns}/{name}/")
-        regex = "^" + concrete.replace("{ns}", "(?P<ns>[^/]+)").replace(
-            "{name}", "(?P<name>[^/]+)"
-        ) + "$"
+        regex = (
+            "^"
+            + concrete.replace("{ns}", "(?P<ns>[^/]+)").replace("{name}", "(?P<name>[^/]+)")
+            + "$"
+        )
         assert (method, regex) in patterns
