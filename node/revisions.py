@@ -35,6 +35,7 @@ from p2porch.node.spec import (
     PortSpec,
     Probe,
     replica_name,
+    with_settings_of,
 )
 from p2porch.node.state import AppRevision, Placement, Rollout
 
@@ -241,13 +242,7 @@ def rolled_back(app: App, revision: AppRevision) -> App:
     (a route to a port the old revision does not listen on).
     """
     try:
-        spec = attrs.evolve(
-            revision.spec,
-            replicas=app.spec.replicas,
-            update=app.spec.update,
-            ingress=app.spec.ingress,
-            balance=app.spec.balance,
-        )
+        spec = with_settings_of(revision.spec, app.spec, drop_unfit_routes=False)
     except ValueError as exc:
         raise NothingToUndo(
             f"revision {revision.revision} cannot take the app's current settings: {exc}"

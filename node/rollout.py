@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import attrs
 
 from p2porch.node.scheduler import SlotId
+from p2porch.node.spec import with_settings_of
 from p2porch.node.state import (
     ClusterState,
     Command,
@@ -64,17 +65,13 @@ def _rollback_command(
     )
     if app is None or previous is None:
         return None
-    spec = attrs.evolve(
-        previous.spec,
-        replicas=app.spec.replicas,
-        update=app.spec.update,
-        ingress=app.spec.ingress,
-        balance=app.spec.balance,
-    )
+    spec = with_settings_of(previous.spec, app.spec, drop_unfit_routes=True)
+    dropped = len(app.spec.ingress) - len(spec.ingress)
+    note = f" ({dropped} ingress route(s) to ports it lacks dropped)" if dropped else ""
     return PutApp(
         attrs.evolve(app, spec=spec),
         expected_generation=app.meta.generation,
-        cause=f"automatic rollback of revision {rollout.revision}: {reason}",
+        cause=f"automatic rollback of revision {rollout.revision}: {reason}{note}",
         at_s=at_s,
         rollback_of=rollout.revision,
     )

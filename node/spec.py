@@ -790,6 +790,23 @@ class AppSpec:
         return all(c.matches(node_labels) for c in self.placement)
 
 
+def with_settings_of(template: AppSpec, current: AppSpec, *, drop_unfit_routes: bool) -> AppSpec:
+    """``template``'s containers with ``current``'s replicas and traffic settings (what an
+    older revision runs as today). An ingress route to a port the template does not listen
+    on is dropped with ``drop_unfit_routes``, else it raises SpecError."""
+    routes = current.ingress
+    if drop_unfit_routes:
+        tcp = {p.container_port for p in template.ports if p.protocol is Protocol.TCP}
+        routes = tuple(r for r in routes if r.port in tcp)
+    return attrs.evolve(
+        template,
+        replicas=current.replicas,
+        update=current.update,
+        ingress=routes,
+        balance=current.balance,
+    )
+
+
 @codec.register(209)
 @attrs.frozen
 class App:

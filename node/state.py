@@ -25,7 +25,7 @@ import attrs
 from p2porch.common import codec
 from p2porch.node.errors import NodeError
 from p2porch.node.scheduler import Decision, NodeStatus, SchedApp, SchedNode, SlotId
-from p2porch.node.spec import App, AppSpec, Namespace, Protocol
+from p2porch.node.spec import App, AppSpec, Namespace, Protocol, with_settings_of
 
 DEFAULT_NAMESPACE = "default"
 
@@ -563,13 +563,7 @@ class ClusterState:
         )
         spec = app.spec
         if revision is not None:
-            spec = attrs.evolve(
-                revision.spec,
-                replicas=app.spec.replicas,
-                update=app.spec.update,
-                ingress=app.spec.ingress,
-                balance=app.spec.balance,
-            )
+            spec = with_settings_of(revision.spec, app.spec, drop_unfit_routes=True)
         return attrs.evolve(
             app, spec=spec, meta=attrs.evolve(app.meta, generation=placement.generation)
         )

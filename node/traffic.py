@@ -95,6 +95,21 @@ def _decode_record(resp: httpx.Response) -> NodeEndpoints:
     return record
 
 
+RunKey = tuple[str, str, int, str, int, str]
+
+
+def _run_key(status: ReplicaStatus) -> RunKey:
+    """One container of one slot at one revision on one node: what "ready since" is about."""
+    return (
+        status.namespace,
+        status.app,
+        status.slot,
+        status.node,
+        status.generation,
+        status.container_id,
+    )
+
+
 def slot_failure(status: ReplicaStatus) -> str:
     """Why a replica counts as failed for a rollout ("" when it does not)."""
     if status.terminal:
@@ -122,7 +137,7 @@ class Traffic:
         self._api: dict[str, str] = {}  # node -> API address, from its gossip metadata
         self._fetching: set[str] = set()
         self._fetch_wake = trio.Event()
-        self._ready_since: dict[tuple[str, str, int, str, int, str], float] = {}
+        self._ready_since: dict[RunKey, float] = {}
         self.table.on_change(self._table_changed)
         self._listeners: list[Callable[[], None]] = []
         self.counters = {
@@ -278,17 +293,10 @@ class Traffic:
 
     def _table_changed(self) -> None:
         now = self._clock()
-        seen: set[tuple[str, str, int, str, int, str]] = set()
+        seen: set[RunKey] = set()
         for status in self.table.replicas():
             if status.ready:
-                key = (
-                    status.namespace,
-                    status.app,
-                    status.slot,
-                    status.node,
-                    status.generation,
-                    status.container_id,
-                )
+                key = _run_key(status)
                 seen.add(key)
                 self._ready_since.setdefault(key, now)
         for key in [k for k in self._ready_since if k not in seen]:
@@ -309,14 +317,7 @@ class Traffic:
             placement = placements.get(slot)
             if placement is not None and placement.node != status.node:
                 continue  # a stale report from the node the slot left
-            key = (
-                status.namespace,
-                status.app,
-                status.slot,
-                status.node,
-                status.generation,
-                status.container_id,
-            )
+            key = _run_key(status)
             since = self._ready_since.get(key)
             out[slot] = SlotHealth(
                 node=status.node,

@@ -18,19 +18,6 @@ from tests.integration.cluster.harness import Cluster, cluster, demo_app, wait_f
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def images() -> None:
-    import docker
-
-    from p2porch.node.images import build_builtin_images
-
-    client = docker.from_env(timeout=120)
-    try:
-        build_builtin_images(client)
-    finally:
-        client.close()
-
-
 def running_by_node(c: Cluster, app: str = "hello") -> dict[str, list[str]]:
     by_node: dict[str, list[str]] = collections.defaultdict(list)
     for row in c.replicas(app=app):

@@ -39,19 +39,6 @@ REPLICA = re.compile(r'id="replica">([^<]+)<')
 MESSAGE = re.compile(r'id="message">([^<]+)<')
 
 
-@pytest.fixture(scope="module", autouse=True)
-def images() -> None:
-    import docker
-
-    from p2porch.node.images import build_builtin_images
-
-    client = docker.from_env(timeout=120)
-    try:
-        build_builtin_images(client)
-    finally:
-        client.close()
-
-
 @pytest.fixture(scope="module")
 def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     base: Path = tmp_path_factory.mktemp("traffic")

@@ -153,3 +153,24 @@ def test_a_report_from_another_node_or_revision_does_not_count_as_ready() -> Non
     assert step(log, health) == []
     health[slot(0)] = SlotHealth("n1", 1, ready=True, ready_for_s=60)  # the old container
     assert step(log, health) == []
+
+
+def test_rollback_drops_ingress_routes_the_old_template_cannot_serve() -> None:
+    from p2porch.node.spec import App, AppSpec, IngressRoute, ObjectMeta, PortSpec
+
+    log = Log()
+    log.put(app(), at_s=0.0)  # revision 1 listens on 8080 only
+    log.place(0, 1, 2)
+    two_ports = (PortSpec(8080), PortSpec(9090))
+    routes = (IngressRoute(port=8080), IngressRoute(port=9090, path="/admin"))
+    new = AppSpec(image="demo:2", replicas=3, ports=two_ports, ingress=routes)
+    log.put(App(ObjectMeta(name="web"), new), at_s=10.0)
+    step(log, healthy(log))
+    # The reconciler's view of a slot still on revision 1 must not fail on the new route.
+    old = log.state.app_for(log.state.placements[slot(1)])
+    assert old is not None and [r.port for r in old.spec.ingress] == [8080]
+    health = healthy(log)
+    health[slot(0)] = SlotHealth("n1", 2, ready=False, failure="exit 1")
+    (cmd,) = step(log, health)
+    assert isinstance(cmd, PutApp) and [r.port for r in cmd.app.spec.ingress] == [8080]
+    assert "1 ingress route(s) to ports it lacks dropped" in cmd.cause
