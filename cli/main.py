@@ -1191,6 +1191,9 @@ def describe_app(name: str, namespace: str) -> None:
                 ("Placement", out.dig(spec, "placement", "constraints")),
                 ("Volumes", ", ".join(volumes)),
                 ("Replicas", _replica_summary(spec, status_, replicas)),
+                ("Update", _update_summary(spec.get("update") or {})),
+                ("Ingress", _ingress_summary(spec.get("ingress") or [])),
+                ("Rollout", _rollout_summary(client, namespace, name)),
             ]
         )
     )
@@ -1211,6 +1214,45 @@ def describe_app(name: str, namespace: str) -> None:
     click.echo("\nEvents:" if lines else "\nEvents: none recent")
     for line in lines:
         click.echo(f"  {line}")
+
+
+def _update_summary(update: Mapping[str, Any]) -> str:
+    """``start-first, surge 1, unavailable 0, ready 2s, deadline 120s, on failure rollback``."""
+    if not update:
+        return ""
+    return (
+        f"{update.get('order')}, surge {update.get('maxSurge')}, unavailable "
+        f"{update.get('maxUnavailable')}, ready {update.get('minReadySeconds')}s, deadline "
+        f"{update.get('progressDeadlineSeconds')}s, on failure {update.get('failureAction')}"
+    )
+
+
+def _ingress_summary(routes: Sequence[Any]) -> str:
+    return ", ".join(
+        f"{r.get('host') or '*'}{r.get('path', '/')} -> {r.get('port')}"
+        for r in routes
+        if isinstance(r, dict)
+    )
+
+
+def _rollout_summary(client: ApiClient, namespace: str, name: str) -> str:
+    """``revision 4 complete (3/3 updated, 3 ready)``, or why it is not known."""
+    try:
+        status_ = client.request("GET", f"/v1/apps/{namespace}/{name}/rollout")
+    except ClientError as exc:
+        return f"(unavailable: {exc})"
+    if not isinstance(status_, dict):
+        return ""
+    text = (
+        f"revision {status_.get('revision')} {status_.get('state')} "
+        f"({status_.get('updated')}/{status_.get('replicas')} updated, "
+        f"{status_.get('ready')} ready)"
+    )
+    if status_.get("paused"):
+        text += ", paused by a user"
+    if status_.get("message"):
+        text += f": {status_.get('message')}"
+    return text
 
 
 @describe.command("node")

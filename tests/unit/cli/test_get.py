@@ -193,6 +193,19 @@ def test_status_without_quorum_says_writes_refused(run: Cli, api: FakeApi) -> No
 
 
 def test_describe_app(run: Cli, api: FakeApi) -> None:
+    api.json_route(
+        "GET",
+        "/v1/apps/{ns}/{name}/rollout",
+        {
+            "revision": 4,
+            "state": "paused",
+            "updated": 1,
+            "replicas": 3,
+            "ready": 1,
+            "paused": False,
+            "message": "paused: replica hello-1 not ready within 120s",
+        },
+    )
     result = run("describe", "app", "hello")
     assert result.exit_code == 0, result.output
     text = result.stdout
@@ -204,6 +217,10 @@ def test_describe_app(run: Cli, api: FakeApi) -> None:
     assert "default/hello.2" in text  # a slot event
     assert "default/hello-world" not in text  # another app's event
     assert "GET /v1/apps/default/hello" in api.calls()
+    assert (
+        "revision 4 paused (1/3 updated, 1 ready): paused: replica hello-1 not ready within 120s"
+        in text
+    )
 
 
 def test_describe_node(run: Cli, api: FakeApi) -> None:
