@@ -251,3 +251,139 @@ class EndpointTable:
         out = [status for record in self._records.values() for status in record.replicas]
         out.sort(key=lambda s: (s.namespace, s.name, s.node))
         return out
+
+
+# --------------------------------------------------------------------------- exchange core
+
+ALIVE_STATES = frozenset({"alive", "suspect"})
+GONE_STATES = frozenset({"dead", "left"})
+
+
+@attrs.frozen
+class FetchRequest:
+    """Ask ``node`` (its API at ``address``) for its record; gossip announced ``stamp``."""
+
+    node: str
+    address: str
+    stamp: tuple[int, int]
+
+
+class EndpointSync:
+    """The endpoint exchange's decisions, without I/O (node/traffic.py is the shell).
+
+    Inputs: what gossip says of each member (state, the stamp in its metadata, its API
+    address), full views (resyncs), and fetch outcomes, each with the current time. Output:
+    the fetches to start now. Rules:
+
+    * a member gossip calls dead or left is dropped from the table at once, and a record
+      fetched from it afterwards (a request that was in flight) is discarded, until gossip
+      shows it alive again (a restart comes back with a newer epoch);
+    * a stamp newer than the table holds is wanted; one fetch per node at a time; a failed
+      fetch waits ``retry_s`` before the next try; a record that names another node is refused;
+    * the table only moves forward (EndpointTable.update ignores older stamps), so a slow
+      answer cannot undo a newer one.
+    """
+
+    def __init__(self, table: EndpointTable) -> None:
+        self.table = table
+        self.local_node = table.local_node
+        self._wanted: dict[str, tuple[int, int]] = {}
+        self._address: dict[str, str] = {}
+        self._gone: set[str] = set()
+        self._in_flight: set[str] = set()
+        self._retry_at: dict[str, float] = {}
+        self.counters = {
+            "fetches": 0,
+            "fetch_failures": 0,
+            "records_refused": 0,
+            "nodes_dropped": 0,
+            "late_records_discarded": 0,
+        }
+
+    def member(
+        self,
+        name: str,
+        state: str,
+        stamp: tuple[int, int] | None,
+        address: str | None,
+    ) -> None:
+        """What gossip says about ``name`` now (an event, or one entry of a full view)."""
+        if name == self.local_node:
+            return
+        if state in GONE_STATES:
+            self._gone.add(name)
+            self._wanted.pop(name, None)
+            self._retry_at.pop(name, None)
+            if self.table.drop_node(name):
+                self.counters["nodes_dropped"] += 1
+            return
+        self._gone.discard(name)
+        if address:
+            self._address[name] = address
+        if stamp is not None and stamp > (self.table.stamp(name) or (0, 0)):
+            self._wanted[name] = max(stamp, self._wanted.get(name, stamp))
+
+    def resync(
+        self, members: Iterable[tuple[str, str, tuple[int, int] | None, str | None]]
+    ) -> None:
+        """A full view: apply every entry, and drop table nodes the view no longer has."""
+        present = {self.local_node}
+        for name, state, stamp, address in members:
+            self.member(name, state, stamp, address)
+            if state in ALIVE_STATES:
+                present.add(name)
+        for name in self.table.nodes():
+            if name not in present:
+                self.member(name, "dead", None, None)
+
+    def due(self, now: float) -> list[FetchRequest]:
+        """The fetches to start now (each is then in flight until :meth:`fetched`)."""
+        out = []
+        for name, stamp in sorted(self._wanted.items()):
+            if name in self._in_flight or self._retry_at.get(name, now) > now:
+                continue
+            if stamp <= (self.table.stamp(name) or (0, 0)):
+                del self._wanted[name]
+                continue
+            address = self._address.get(name)
+            if address is None:
+                continue  # no way to ask yet: a later event or resync brings the address
+            self._in_flight.add(name)
+            self.counters["fetches"] += 1
+            out.append(FetchRequest(name, address, stamp))
+        return out
+
+    def next_due(self, now: float) -> float | None:
+        """When a waiting retry becomes due (None: nothing waits on time)."""
+        times = [
+            self._retry_at[name]
+            for name in self._wanted
+            if name not in self._in_flight and self._retry_at.get(name, now) > now
+        ]
+        return min(times) if times else None
+
+    def fetched(self, name: str, record: NodeEndpoints | None, now: float, retry_s: float) -> None:
+        """A fetch ended: ``record`` is what the node answered (None: it failed)."""
+        self._in_flight.discard(name)
+        if record is None or record.node != name:
+            if record is None:
+                self.counters["fetch_failures"] += 1
+            else:
+                self.counters["records_refused"] += 1
+            if name in self._wanted:
+                self._retry_at[name] = now + retry_s
+            return
+        self._retry_at.pop(name, None)
+        if name in self._gone:
+            self.counters["late_records_discarded"] += 1
+            return  # it died while we asked: do not bring its replicas back
+        self.table.update(record)
+        wanted = self._wanted.get(name)
+        if wanted is not None and record.stamp >= wanted:
+            del self._wanted[name]
+
+    def wanted(self) -> dict[str, tuple[int, int]]:
+        return dict(self._wanted)
+
+    def in_flight(self) -> frozenset[str]:
+        return frozenset(self._in_flight)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,7 +34,7 @@ from p2porch.common import codec
 from p2porch.common.errors import CodecError
 from p2porch.gossip.messages import Event, EventKind, Member
 from p2porch.node.balance import Strategy
-from p2porch.node.endpoints import EndpointTable, NodeEndpoints
+from p2porch.node.endpoints import EndpointSync, EndpointTable, FetchRequest, NodeEndpoints
 from p2porch.node.errors import NodeError
 from p2porch.node.reconcile_core import ReplicaState, ReplicaStatus
 from p2porch.node.rollout import SlotHealth
@@ -133,20 +134,12 @@ class Traffic:
         # Our record's stamp: the epoch makes a restarted node's versions newer than its last.
         self._epoch = time.time_ns()
         self._version = 0
-        self._wanted: dict[str, tuple[int, int]] = {}  # node -> newest stamp gossip showed
-        self._api: dict[str, str] = {}  # node -> API address, from its gossip metadata
-        self._fetching: set[str] = set()
+        self.sync = EndpointSync(self.table)
         self._fetch_wake = trio.Event()
         self._ready_since: dict[RunKey, float] = {}
         self.table.on_change(self._table_changed)
         self._listeners: list[Callable[[], None]] = []
-        self.counters = {
-            "fetches": 0,
-            "fetch_failures": 0,
-            "records_refused": 0,
-            "nodes_dropped": 0,
-            "published": 0,
-        }
+        self.published = 0
         self.status_errors: dict[str, str] = {}
         self.mesh: Any = None
         self.ingress: Any = None
@@ -167,7 +160,7 @@ class Traffic:
             return
         self._version += 1
         self.table.update(NodeEndpoints(self.node, self._epoch, self._version, endpoints, statuses))
-        self.counters["published"] += 1
+        self.published += 1
         self.agent.announce_endpoints(self.stamp())
 
     def local_record(self) -> bytes:
@@ -188,82 +181,55 @@ class Traffic:
             seen = await reconciler.wait_statuses_changed(seen)
             self.publish_local()
 
-    # ---- peers' records
-
-    def on_member(
-        self,
-        member: Member,
-        kind: EventKind | None,
-        meta_stamp: tuple[int, int] | None,
-        api_address: str | None,
-    ) -> None:
-        """A gossip event (or a resync entry) about ``member``."""
-        name = member.name
-        if name == self.node:
-            return
-        if kind in _GONE:
-            self._forget(name)
-            return
-        if api_address:
-            self._api[name] = api_address
-        if meta_stamp is not None and meta_stamp > (self.table.stamp(name) or (0, 0)):
-            self._wanted[name] = meta_stamp
-            self._fetch_wake.set()
-
-    def _forget(self, name: str) -> None:
-        self._wanted.pop(name, None)
-        if self.table.drop_node(name):
-            self.counters["nodes_dropped"] += 1
-            log.info("endpoints of %s dropped (gone)", name)
+    # ---- peers' records (decisions: EndpointSync in node/endpoints.py; here only I/O)
 
     def on_gossip_event(self, event: Event) -> None:
-        meta = self.agent.decode_meta(event.member.meta)
+        member = event.member
+        state = "dead" if event.kind in _GONE else member.state.name.lower()
+        self.sync.member(member.name, state, *self._meta_of(member))
+        self._fetch_wake.set()
+
+    def _meta_of(self, member: Member) -> tuple[tuple[int, int] | None, str | None]:
+        """(endpoint stamp, API address) from a member's gossip metadata; the address falls
+        back to the log's node record."""
+        meta = self.agent.decode_meta(member.meta)
         stamp = (meta.endpoints_epoch, meta.endpoints_version) if meta else None
-        self.on_member(event.member, event.kind, stamp, meta.api_address if meta else None)
+        address = meta.api_address if meta else None
+        if not address:
+            node = self.agent.state.nodes.get(member.name)
+            address = node.api_address if node is not None else None
+        return stamp, address
 
     async def fetch_loop(self) -> None:
-        """Fetch the records gossip says are newer than ours (one request per node at once)."""
+        """Start the fetches the sync core says are due; sleep until something changes."""
         async with trio.open_nursery() as nursery:
             while True:
                 self._fetch_wake = trio.Event()
-                for name, stamp in list(self._wanted.items()):
-                    if name in self._fetching:
-                        continue
-                    if stamp <= (self.table.stamp(name) or (0, 0)):
-                        self._wanted.pop(name, None)
-                        continue
-                    self._fetching.add(name)
-                    nursery.start_soon(self._fetch, name)
-                await self._fetch_wake.wait()
+                now = self._clock()
+                for request in self.sync.due(now):
+                    nursery.start_soon(self._fetch, request)
+                due = self.sync.next_due(now)
+                with trio.move_on_at(due if due is not None else math.inf):
+                    await self._fetch_wake.wait()
 
-    async def _fetch(self, name: str) -> None:
+    async def _fetch(self, request: FetchRequest) -> None:
+        record: NodeEndpoints | None = None
+        http = self.agent.http
         try:
-            address = self._api.get(name)
-            if address is None:
-                node = self.agent.state.nodes.get(name)
-                address = node.api_address if node is not None else None
-            if address is None or self.agent.http is None:
-                return
-            self.counters["fetches"] += 1
-            try:
-                resp = await self.agent.http.get(
-                    f"https://{address}{ENDPOINTS_PATH}", timeout=FETCH_TIMEOUT_S
+            if http is None:
+                return  # not serving yet: counted as a failed fetch, retried
+            resp = await http.get(
+                f"https://{request.address}{ENDPOINTS_PATH}", timeout=FETCH_TIMEOUT_S
+            )
+            record = _decode_record(resp)
+            if record.node != request.node:
+                log.warning(
+                    "node %s answered with the endpoints of %r: refused", request.node, record.node
                 )
-                record = _decode_record(resp)
-            except (httpx.HTTPError, ValueError, CodecError) as exc:
-                self.counters["fetch_failures"] += 1
-                log.debug("fetching endpoints of %s: %s", name, exc)
-                await trio.sleep(FETCH_RETRY_S)
-                return
-            if record.node != name:
-                self.counters["records_refused"] += 1
-                log.warning("node %s answered with the endpoints of %r: refused", name, record.node)
-                return
-            if self.agent.member_status(name) in ("dead", "left"):
-                return  # it died while we asked: do not bring its replicas back
-            self.table.update(record)
+        except (httpx.HTTPError, ValueError, CodecError) as exc:
+            log.debug("fetching endpoints of %s: %s", request.node, exc)
         finally:
-            self._fetching.discard(name)
+            self.sync.fetched(request.node, record, self._clock(), FETCH_RETRY_S)
             self._fetch_wake.set()
 
     async def anti_entropy(self) -> None:
@@ -276,18 +242,11 @@ class Traffic:
         gossip = self.agent.gossip
         if gossip is None:
             return
-        alive: set[str] = {self.node}
-        for member in gossip.members():
-            state = member.state.name.lower()
-            if state in ("dead", "left"):
-                continue
-            alive.add(member.name)
-            meta = self.agent.decode_meta(member.meta)
-            stamp = (meta.endpoints_epoch, meta.endpoints_version) if meta else None
-            self.on_member(member, None, stamp, meta.api_address if meta else None)
-        for name in self.table.nodes():
-            if name not in alive:
-                self._forget(name)
+        self.sync.resync(
+            (member.name, member.state.name.lower(), *self._meta_of(member))
+            for member in gossip.members()
+        )
+        self._fetch_wake.set()
 
     # ---- the leader's view
 
@@ -428,7 +387,8 @@ class Traffic:
             "endpoints": {
                 "stamp": list(self.stamp()),
                 "nodes": self.table.nodes(),
-                **self.counters,
+                "published": self.published,
+                **self.sync.counters,
             }
         }
         for what in ("mesh", "ingress", "dns"):

@@ -120,3 +120,48 @@ def test_slot_failure_words() -> None:
         terminal=True,
     )
     assert slot_failure(stuck) == "image x unavailable"
+
+
+# --------------------------------------------------------------------------- the sync core
+
+
+def test_sync_fetches_newer_stamps_once_and_retries_after_a_failure() -> None:
+    from p2porch.node.endpoints import EndpointSync, FetchRequest
+
+    sync = EndpointSync(EndpointTable("n1"))
+    sync.member("n2", "alive", (1, 3), None)
+    assert sync.due(0.0) == []  # no address yet: nothing to ask
+    sync.member("n2", "alive", (1, 3), "127.0.0.3:7950")
+    assert sync.due(0.0) == [FetchRequest("n2", "127.0.0.3:7950", (1, 3))]
+    assert sync.due(0.0) == []  # in flight
+    sync.fetched("n2", None, 0.5, retry_s=1.0)
+    assert sync.due(1.0) == [] and sync.next_due(1.0) == 1.5
+    assert [r.node for r in sync.due(1.5)] == ["n2"]
+    sync.fetched("n2", record("n3", 3), 1.6, retry_s=1.0)  # names another node: refused
+    assert sync.counters["records_refused"] == 1 and sync.table.record("n2") is None
+    assert [r.node for r in sync.due(2.6)] == ["n2"]
+    sync.fetched("n2", record("n2", 3, ep("n2", 0)), 2.7, retry_s=1.0)
+    assert sync.table.stamp("n2") == (1, 3) and sync.wanted() == {}
+    sync.member("n2", "alive", (1, 3), "127.0.0.3:7950")  # nothing newer: no fetch
+    assert sync.due(3.0) == []
+
+
+def test_sync_drops_the_dead_and_discards_what_they_answer_late() -> None:
+    from p2porch.node.endpoints import EndpointSync
+
+    sync = EndpointSync(EndpointTable("n1"))
+    sync.member("n2", "alive", (1, 1), "a2")
+    sync.fetched("n2", record("n2", 1, ep("n2", 0)), 0.0, 1.0)
+    sync.member("n2", "alive", (1, 2), "a2")
+    (request,) = sync.due(0.0)
+    sync.member("n2", "dead", None, None)
+    assert sync.table.record("n2") is None and sync.counters["nodes_dropped"] == 1
+    sync.fetched("n2", record("n2", 2, ep("n2", 1)), 0.1, 1.0)  # the late answer
+    assert sync.table.record("n2") is None and sync.counters["late_records_discarded"] == 1
+    # Back under a new epoch: fetched again.
+    sync.member("n2", "alive", (2, 1), "a2")
+    assert [r.stamp for r in sync.due(0.2)] == [(2, 1)]
+    # A full view without n2: dropped like a death.
+    sync.fetched("n2", record("n2", 1, ep("n2", 0), epoch=2), 0.3, 1.0)
+    sync.resync([("n3", "alive", None, "a3")])
+    assert sync.table.nodes() == []
