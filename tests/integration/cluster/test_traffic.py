@@ -62,13 +62,13 @@ def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def web_app(message: str = "v1", replicas: int = 3, **spec: Any) -> dict[str, Any]:
+    spec.setdefault("update", {"order": "start-first", "maxSurge": 1})
     body = demo_app(
         "web",
         replicas,
         ports=[{"containerPort": 8080, "publishedPort": MESH_PORT}],
         ingress=[{"host": "web.test", "path": "/", "port": 8080}],
         readinessProbe={"httpGet": {"path": "/healthz", "port": 8080}, "periodSeconds": 1},
-        update={"order": "start-first", "maxSurge": 1},
         **spec,
     )
     body["spec"]["env"] = [{"name": "MESSAGE", "value": message}]
@@ -213,6 +213,32 @@ def test_rolling_update_under_load_loses_no_request(c: Cluster) -> None:
     assert load.messages["v1"] > 0 and load.messages["v2"] > 0, load.messages
     history = list(n1.get("/v1/apps/default/web/revisions"))
     assert len(history) >= 2
+
+
+def test_stop_first_update_under_load_loses_no_request(c: Cluster) -> None:
+    """Stop-first: each replica is drained and stopped before its successor starts; the
+    others carry the load meanwhile."""
+    n1, n2 = c.nodes[0], c.nodes[1]
+    wait_serving(c, 3, "v2")
+    revision_before = rollout(n1)["revision"]
+    stop_first = {"order": "stop-first", "maxUnavailable": 1, "maxSurge": 0}
+    with Load(ingress_url(n2), "web.test") as load:
+        wait_for(lambda: load.ok >= 20, 30, "the load loop to get going")
+        c.apply(n1, web_app("v2b", update=stop_first))
+        wait_for(
+            lambda: (
+                rollout(n1)["state"] == "complete" and rollout(n1)["revision"] > revision_before
+            ),
+            120,
+            "the stop-first rollout to complete",
+            n1,
+        )
+        wait_serving(c, 3, "v2b")
+    print(f"stop-first update under load: {load.ok} answered, {len(load.failures)} failed")
+    assert load.failures == [], load.failures[:10]
+    # Back to the module's usual app for the tests that follow.
+    c.apply(n1, web_app("v2"))
+    wait_serving(c, 3, "v2")
 
 
 def test_scaling_does_not_restart_replicas(c: Cluster) -> None:
