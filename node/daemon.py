@@ -50,7 +50,7 @@ from p2porch.consensus.storage import Storage
 from p2porch.consensus.transport import TcpTransport, TlsTransport
 from p2porch.gossip.config import GossipConfig
 from p2porch.gossip.keyring import Keyring, generate_key, load_keyring, save_keyring
-from p2porch.gossip.messages import Event, EventKind, MemberState
+from p2porch.gossip.messages import Event, EventKind, Member, MemberState
 from p2porch.gossip.service import GossipService
 from p2porch.gossip.tls_transport import TlsGossipTransport
 from p2porch.node.api import Api, to_json
@@ -312,6 +312,7 @@ class Agent:
         self._retired_http: list[httpx.AsyncClient] = []
         self._rng = random.Random()
         self.traffic: Traffic | None = None  # the data plane, once the identity is known
+        self._member_addresses: dict[str, tuple[str, str] | None] = {}
 
     # ---- state access
 
@@ -780,6 +781,12 @@ class Agent:
                     self.traffic.on_gossip_event(event)
                 else:
                     self.traffic.resync()
+            moved = isinstance(event, Event) and self._addresses_moved(event.member)
+            if kind is EventKind.UPDATED and not moved:
+                # Only the endpoint stamp changed (every readiness change does that): the
+                # data plane took it above; it is neither news for the event log nor for
+                # the leader's scheduling pass.
+                continue
             if kind is not None:
                 member = event.member  # type: ignore[union-attr]
                 self._learn_address(member.name, member.meta)
@@ -792,6 +799,15 @@ class Agent:
                     self._dead_since.pop(member.name, None)
             self._members_changed.set()
             self._members_changed = trio.Event()
+
+    def _addresses_moved(self, member: Member) -> bool:
+        """Whether a member's metadata names other API/Raft addresses than last seen."""
+        meta = self.decode_meta(member.meta)
+        addresses = (meta.api_address, meta.raft_address) if meta else None
+        if self._member_addresses.get(member.name) == addresses:
+            return False
+        self._member_addresses[member.name] = addresses
+        return True
 
     def _learn_address(self, name: str, meta: bytes) -> None:
         """Gossip metadata says where a member's Raft listens: a path that needs no log."""
