@@ -52,6 +52,8 @@ ENDPOINTS_CONTENT_TYPE = "application/x-p2porch-codec"
 ANTI_ENTROPY_S = 5.0
 FETCH_TIMEOUT_S = 3.0
 FETCH_RETRY_S = 1.0
+# A data-plane service whose port could not be bound tries again this often.
+SERVICE_RETRY_S = 5.0
 MAX_RECORD_BYTES = 8 << 20
 
 _GONE = (EventKind.DEAD, EventKind.LEFT, EventKind.REAPED)
@@ -343,8 +345,10 @@ class Traffic:
         if opts.ingress_port:
             from p2porch.node.ingress import Ingress, IngressConfig
 
-            self.ingress = Ingress(self.table, host, opts.ingress_port, IngressConfig(), self.node)
-            await self._start_service(nursery, self.ingress, "ingress", opts.ingress_port)
+            def make_ingress() -> Any:
+                return Ingress(self.table, host, opts.ingress_port, IngressConfig(), self.node)
+
+            await self._start_service(nursery, make_ingress, "ingress", opts.ingress_port)
         if opts.dns_port:
             from p2porch.node.dns import DnsConfig, DnsServer
 
@@ -354,32 +358,51 @@ class Traffic:
             # nothing (no container can reach it anyway).
             upstreams = _host_resolvers() if reachable else ()
             config = DnsConfig(domain=opts.dns_domain, upstreams=upstreams)
-            self.dns = DnsServer(self.table, host, opts.dns_port, config)
-            await self._start_service(nursery, self.dns, "dns", opts.dns_port)
+
+            def make_dns() -> Any:
+                return DnsServer(self.table, host, opts.dns_port, config)
+
+            await self._start_service(nursery, make_dns, "dns", opts.dns_port)
             reconciler = self.agent.reconciler
-            if self.dns is not None and reachable and reconciler is not None:
+            if reachable and reconciler is not None:
+                # Containers started from now on resolve through this node (if the server
+                # could not bind yet, it keeps trying; lookups fail until it can).
                 reconciler.runtime.dns_servers = (host,)
                 reconciler.runtime.dns_domain = config.domain
         self.routes_changed()
 
     async def _start_service(
-        self, nursery: trio.Nursery, service: Any, what: str, port: int
+        self, nursery: trio.Nursery, make: Callable[[], Any], what: str, port: int
     ) -> None:
+        """Start a service; if its port cannot be bound (taken, or below 1024 without the
+        right), the node runs without it, says so in /v1/status, and retries every few
+        seconds in the background: a taken port 80 must not stop the orchestrator."""
+        if await self._try_start(nursery, make, what, port):
+            return
+
+        async def keep_trying() -> None:
+            while not await self._try_start(nursery, make, what, port):
+                await trio.sleep(SERVICE_RETRY_S)
+
+        nursery.start_soon(keep_trying)
+
+    async def _try_start(
+        self, nursery: trio.Nursery, make: Callable[[], Any], what: str, port: int
+    ) -> bool:
+        service = make()
         try:
             await nursery.start(service.run)
         except (OSError, NodeError) as exc:
-            # The node runs without it (and says so in /v1/status): a taken port 80 must
-            # not stop the orchestrator.
-            log.warning(
-                "%s cannot listen on %s:%d: %s", what, self.agent.options.advertise, port, exc
-            )
-            self.status_errors[what] = (
-                f"cannot listen on port {port}: {getattr(exc, 'strerror', None) or exc}"
-            )
-            if what == "ingress":
-                self.ingress = None
-            else:
-                self.dns = None
+            error = f"cannot listen on port {port}: {getattr(exc, 'strerror', None) or exc}"
+            if self.status_errors.get(what) != error:
+                log.warning("%s on %s: %s", what, self.agent.options.advertise, error)
+            self.status_errors[what] = error
+            return False
+        setattr(self, what, service)
+        if self.status_errors.pop(what, None) is not None:
+            log.info("%s now listening on %s:%d", what, self.agent.options.advertise, port)
+        self.routes_changed()
+        return True
 
     def status(self) -> dict[str, Any]:
         """What /v1/status shows of the data plane."""

@@ -43,13 +43,7 @@ MESSAGE = re.compile(r'id="message">([^<]+)<')
 def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     base: Path = tmp_path_factory.mktemp("traffic")
     cluster = Cluster(base, "t", FIRST_HOST)
-    cluster.agent_args = (
-        *TEST_AGENT_ARGS,
-        "--ingress-port",
-        str(INGRESS_PORT),
-        "--dns-port",
-        str(DNS_PORT),
-    )
+    cluster.agent_args = c_args()
     try:
         cluster.form(3)
         yield cluster
@@ -59,6 +53,11 @@ def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         raise
     finally:
         cluster.teardown()
+
+
+def c_args() -> tuple[str, ...]:
+    """Agent flags: the data plane on high ports (the defaults, 80 and 53, need root)."""
+    return (*TEST_AGENT_ARGS, "--ingress-port", str(INGRESS_PORT), "--dns-port", str(DNS_PORT))
 
 
 def web_app(message: str = "v1", replicas: int = 3, **spec: Any) -> dict[str, Any]:
@@ -290,3 +289,36 @@ def test_a_dead_nodes_endpoints_are_dropped_and_traffic_goes_on(c: Cluster) -> N
     # be cut mid-answer by the power cut -- busybox httpd's responses end at the close, so a
     # truncated one cannot be told from a whole one -- and it is the only one that may fail.
     assert len(load.failures) <= 1, load.failures
+
+
+def test_a_taken_ingress_or_dns_port_is_reported_and_taken_once_free(tmp_path: Path) -> None:
+    import socket
+
+    host = "127.0.0.153"
+    tcp = socket.socket()
+    tcp.bind((host, INGRESS_PORT))
+    tcp.listen(1)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind((host, DNS_PORT))
+    single = Cluster(tmp_path, "tp", 153)
+    single.agent_args = c_args()
+    try:
+        (node,) = single.form(1)
+        status = node.get("/v1/status")["traffic"]
+        assert "Address already in use" in status["ingress"]["error"]
+        assert "Address already in use" in status["dns"]["error"]
+        assert node.healthy()  # the node runs without them
+        tcp.close()
+        udp.close()
+
+        def listening() -> bool:
+            traffic = node.get("/v1/status")["traffic"]
+            return "error" not in traffic["ingress"] and "error" not in traffic["dns"]
+
+        wait_for(listening, 30, "the ingress and DNS to take their ports", node)
+        resp = httpx.get(f"http://{host}:{INGRESS_PORT}/", headers={"Host": "x.test"}, timeout=5)
+        assert resp.status_code == 404  # the ingress itself answers: no rule for x.test
+    finally:
+        tcp.close()
+        udp.close()
+        single.teardown()
