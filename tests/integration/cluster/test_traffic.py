@@ -322,3 +322,36 @@ def test_a_taken_ingress_or_dns_port_is_reported_and_taken_once_free(tmp_path: P
         tcp.close()
         udp.close()
         single.teardown()
+
+
+def test_a_new_leader_finishes_a_rollout_the_old_one_started(tmp_path: Path) -> None:
+    """Rollout state lives in the log: kill the leader mid-rollout, the next one carries on."""
+    c2 = Cluster(tmp_path, "tl", 154)
+    c2.agent_args = c_args()
+    try:
+        c2.form(3)
+        slow = {"order": "start-first", "maxSurge": 1, "minReadySeconds": 3}
+        c2.apply(c2.nodes[0], web_app("v1", update=slow))
+        wait_serving(c2, 3, "v1")
+        leader = c2.leader()
+        survivor = next(n for n in c2.nodes if n is not leader)
+        before = rollout(survivor)["revision"]
+        c2.apply(survivor, web_app("v2", update=slow))
+        wait_for(
+            lambda: rollout(survivor)["revision"] > before and rollout(survivor)["updated"] >= 1,
+            60,
+            "the rollout to start",
+            survivor,
+        )
+        assert rollout(survivor)["state"] == "progressing"  # minReadySeconds keeps it going
+        leader.kill()
+        wait_for(
+            lambda: (st := rollout(survivor))["state"] == "complete" and st["revision"] > before,
+            120,
+            "the rollout to complete under the next leader",
+            survivor,
+        )
+        assert c2.leader(via=survivor) is not leader
+        wait_serving(c2, 3, "v2")
+    finally:
+        c2.teardown()
