@@ -214,6 +214,23 @@ def _hosts(endpoints: Iterable[Endpoint]) -> list[str]:
     return list(seen)
 
 
+def _spread(endpoints: list[Endpoint], local_node: str, turn: int) -> list[Endpoint]:
+    """The local node's endpoints first, then the others rotated by ``turn``.
+
+    Many clients take the first address; without rotation every one of them would pick the
+    same remote node. ``turn`` is the query's id (random per client), which keeps the core
+    pure and spreads clients without any state here.
+    """
+    local = [ep for ep in endpoints if ep.node == local_node]
+    remote = [ep for ep in endpoints if ep.node != local_node]
+    if remote:
+        nodes = sorted({ep.node for ep in remote})
+        first = nodes[turn % len(nodes)]
+        start = next(i for i, ep in enumerate(remote) if ep.node == first)
+        remote = remote[start:] + remote[:start]
+    return local + remote
+
+
 def _address_rrset(
     owner: dns.name.Name, rdtype: dns.rdatatype.RdataType, hosts: Iterable[str], ttl: int
 ) -> dns.rrset.RRset | None:
@@ -330,6 +347,7 @@ def _lookup(
     table: EndpointTable,
     apps: Apps,
     config: DnsConfig,
+    turn: int = 0,
 ) -> _Answer | None:
     """Records for ``labels`` (relative to the domain, lower case, leftmost first)."""
 
@@ -348,7 +366,7 @@ def _lookup(
     if not app_exists(namespace, app):
         return None
     service = dns.name.Name((app.encode(), namespace.encode(), *config.origin.labels))
-    ready = table.endpoints(namespace, app)
+    ready = _spread(table.endpoints(namespace, app), table.local_node, turn)
     if depth == 2:  # <app>.<namespace>
         answer = _addresses(owner, qtype, _hosts(ready), config.ttl_s)
         additional: list[dns.rrset.RRset] = []
@@ -443,6 +461,7 @@ def answer(
         table=table,
         apps=apps,
         config=config,
+        turn=query.id,
     )
     if found is None:
         response.set_rcode(dns.rcode.NXDOMAIN)

@@ -508,3 +508,22 @@ def test_mutated_queries_never_raise(flips: list[tuple[int, int]]) -> None:
         data[index] = value
     outcome = handle_wire(bytes(data), web_table(), APPS, CONFIG, tcp=False)
     assert isinstance(outcome, Reply | Drop)
+
+
+def test_remote_addresses_rotate_with_the_query_id_local_first() -> None:
+    tbl = table(
+        ep("web-0", LOCAL, tcp(80, "127.0.0.3", 30000)),
+        ep("web-1", "node-x", tcp(80, "127.0.0.5", 30001)),
+        ep("web-2", "node-y", tcp(80, "127.0.0.6", 30002)),
+    )
+    firsts = set()
+    for query_id in range(4):
+        q = query("web.default.p2porch")
+        q.id = query_id
+        response = answer(q, tbl, APPS, CONFIG)
+        assert response is not None
+        addresses = records(response, "A")
+        assert addresses[0] == "127.0.0.3"  # the local node's own replica stays first
+        assert sorted(addresses[1:]) == ["127.0.0.5", "127.0.0.6"]
+        firsts.add(addresses[1])
+    assert firsts == {"127.0.0.5", "127.0.0.6"}  # clients are spread over the remotes
