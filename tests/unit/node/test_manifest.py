@@ -794,3 +794,87 @@ def apps_with_probes(draw: st.DrawFn) -> App:
 def test_round_trip_any_app_with_probes(app: App) -> None:
     text = yaml.safe_dump(to_manifest(app), sort_keys=False)
     assert parse_manifests(text) == [app.with_generation(0)]
+
+
+# --------------------------------------------------------------------------- traffic fields
+
+TRAFFIC = """\
+image: busybox
+ports:
+  - {containerPort: 8080, publishedPort: 30080, proxyProtocol: true}
+update:
+  order: stop-first
+  maxSurge: 25%
+  maxUnavailable: 1
+  minReadySeconds: 2
+  progressDeadlineSeconds: 60
+  failureAction: pause
+ingress:
+  - {host: "*.example.com", path: /api, port: 8080}
+  - {port: 8080}
+loadBalancing: least-connections
+"""
+
+
+def test_traffic_fields_parse_and_round_trip() -> None:
+    from p2porch.node.spec import Balance, FailureAction, IngressRoute, UpdateOrder
+
+    (app,) = parse_manifests(app_doc(TRAFFIC))
+    assert isinstance(app, App)
+    spec = app.spec
+    assert spec.ports[0].proxy_protocol is True
+    update = spec.update
+    assert (update.order, update.max_surge, update.max_unavailable) == (
+        UpdateOrder.STOP_FIRST,
+        "25%",
+        "1",
+    )
+    assert (update.min_ready_s, update.progress_deadline_s) == (2, 60)
+    assert update.failure_action is FailureAction.PAUSE
+    assert spec.ingress == (
+        IngressRoute(port=8080, host="*.example.com", path="/api"),
+        IngressRoute(port=8080),
+    )
+    assert spec.balance is Balance.LEAST_CONNECTIONS
+    assert parse_manifests(dump_manifests([app])) == [app]
+    # None of them is part of the template: changing them starts no rollout.
+    assert spec.template() == attrs.evolve(
+        spec,
+        replicas=0,
+        update=type(update)(),
+        ingress=(),
+        balance=Balance.ROUND_ROBIN,
+    )
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "path", "fragment"),
+    [
+        ("order: stop-first", "order: sideways", "spec.update.order", "start-first or stop-first"),
+        ("maxSurge: 25%", "maxSurge: 150%", "spec.update.maxSurge", "at most 100%"),
+        ("maxSurge: 25%", "maxSurge: lots", "spec.update.maxSurge", "a count like 1"),
+        ("failureAction: pause", "failureAction: panic", "spec.update.failureAction", "pause or"),
+        ("minReadySeconds: 2", "minReadySeconds: -1", "spec.update.minReadySeconds", "0-3600"),
+        ("{port: 8080}", "{port: 9090}", "spec.ingress[1].port", "not one of the app's"),
+        ("path: /api", "path: api", "spec.ingress[0].path", "path prefix"),
+        ('"*.example.com"', "Bad_Host", "spec.ingress[0].host", "lowercase host name"),
+        ("least-connections", "random", "spec.loadBalancing", "round-robin or"),
+        ("proxyProtocol: true", "proxyProtocol: maybe", "spec.ports[0].proxyProtocol", ""),
+        ("failureAction: pause", "colour: red", "spec.update.colour", "unknown field"),
+    ],
+)
+def test_traffic_field_errors_name_the_field(old: str, new: str, path: str, fragment: str) -> None:
+    text = app_doc(TRAFFIC.replace(old, new))
+    assert text != app_doc(TRAFFIC)
+    problem = only_problem(text)
+    assert problem.path == path, str(problem)
+    assert fragment in str(problem)
+
+
+def test_surge_and_unavailable_cannot_both_be_zero() -> None:
+    text = app_doc(
+        TRAFFIC.replace("maxSurge: 25%", "maxSurge: 0").replace(
+            "maxUnavailable: 1", "maxUnavailable: 0%"
+        )
+    )
+    assert "cannot both be 0" in str(only_problem(text))
