@@ -7,14 +7,19 @@ from hypothesis import strategies as st
 from p2porch.node.spec import (
     App,
     AppSpec,
+    Balance,
     BindMount,
     EnvVar,
+    FailureAction,
+    IngressRoute,
     ObjectMeta,
     PlacementConstraint,
     PortSpec,
     Resources,
     RestartPolicy,
     RestartPolicyKind,
+    UpdateOrder,
+    UpdateStrategy,
     VolumeMount,
 )
 
@@ -22,6 +27,18 @@ MiB = 1024 * 1024
 
 names = st.from_regex(r"[a-z]([a-z0-9-]{0,20}[a-z0-9])?", fullmatch=True)
 text = st.text(st.characters(exclude_characters="\x00", exclude_categories=["Cs"]), max_size=20)
+
+
+hosts = st.sampled_from(["", "shop.example.com", "*.example.com", "a-b.c"])
+updates = st.builds(
+    UpdateStrategy,
+    order=st.sampled_from(list(UpdateOrder)),
+    max_surge=st.sampled_from(["1", "3", "25%", "100%"]),
+    max_unavailable=st.sampled_from(["0", "1", "50%"]),
+    min_ready_s=st.integers(0, 3600),
+    progress_deadline_s=st.integers(1, 86400),
+    failure_action=st.sampled_from(list(FailureAction)),
+)
 
 
 @st.composite
@@ -48,7 +65,11 @@ def apps(draw: st.DrawFn) -> App:
                 ).items()
             ),
             ports=tuple(
-                PortSpec(p, draw(st.none() | st.integers(1, 65535)) if i == 0 else None)
+                PortSpec(
+                    p,
+                    draw(st.none() | st.integers(1, 65535)) if i == 0 else None,
+                    proxy_protocol=draw(st.booleans()),
+                )
                 for i, p in enumerate(ports)
             ),
             replicas=draw(st.integers(0, 50)),
@@ -81,5 +102,13 @@ def apps(draw: st.DrawFn) -> App:
                 )
             ),
             stop_grace_s=draw(st.integers(0, 3600)),
+            update=draw(updates),
+            ingress=tuple(
+                IngressRoute(port=p, host=draw(hosts), path=f"/p{p}")
+                for p in draw(st.lists(st.sampled_from(ports), unique=True, max_size=2))
+            )
+            if ports
+            else (),
+            balance=draw(st.sampled_from(list(Balance))),
         ),
     )
