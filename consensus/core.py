@@ -309,7 +309,12 @@ class RaftCore:
             if node not in current.learners:
                 raise ConfChangeRefused(f"{node} is not a learner")
             pr = self._progress.get(node)
-            lag = self._log.last_index - (pr.match if pr is not None else 0)
+            if pr is None or pr.match == 0:
+                # Never acknowledged anything -- not even the snapshot it starts from. On a
+                # short log the lag test below would pass it, and an empty voter cannot vote
+                # (see _on_request_vote): two of them can leave no electable majority.
+                raise ConfChangeRefused(f"{node} has not replicated anything yet")
+            lag = self._log.last_index - pr.match
             if lag > self.config.max_promote_lag_entries:
                 raise ConfChangeRefused(f"{node} is {lag} entries behind; wait until it catches up")
         elif change.op is ConfChangeOp.REMOVE:
