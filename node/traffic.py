@@ -52,6 +52,7 @@ ENDPOINTS_CONTENT_TYPE = "application/x-p2porch-codec"
 ANTI_ENTROPY_S = 5.0
 FETCH_TIMEOUT_S = 3.0
 FETCH_RETRY_S = 1.0
+PUBLISH_COALESCE_S = 0.05
 # A data-plane service whose port could not be bound tries again this often.
 SERVICE_RETRY_S = 5.0
 MAX_RECORD_BYTES = 8 << 20
@@ -181,6 +182,10 @@ class Traffic:
         seen = 0
         while True:
             seen = await reconciler.wait_statuses_changed(seen)
+            # A burst (50 replicas starting) changes statuses hundreds of times a second;
+            # each record is re-encoded and fetched by every peer. Coalescing into one
+            # record per PUBLISH_COALESCE_S costs that much endpoint delay, no more.
+            await trio.sleep(PUBLISH_COALESCE_S)
             self.publish_local()
 
     # ---- peers' records (decisions: EndpointSync in node/endpoints.py; here only I/O)
