@@ -201,6 +201,8 @@ def apps_table(apps: Sequence[Any], wide: bool) -> str:
     if wide:
         columns += [
             ("GENERATION", lambda a: dig(a, "metadata", "generation")),
+            ("REVISION", lambda a: dig(a, "status", "revision")),
+            ("ROLLOUT", lambda a: dig(a, "status", "rollout")),
             ("PORTS", app_ports),
             ("CPU", lambda a: dig(a, "spec", "resources", "requests", "cpu")),
             ("MEMORY", lambda a: dig(a, "spec", "resources", "requests", "memory")),

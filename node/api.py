@@ -55,6 +55,7 @@ from p2porch.node.state import (
     PutApp,
     PutNamespace,
     RemoveNode,
+    Rollout,
     SetNodeDrained,
     decode_command,
 )
@@ -138,6 +139,13 @@ def to_json(value: object) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
+
+
+def _rollout_word(rollout: Rollout | None, revision: int) -> str:
+    """``complete`` | ``progressing`` | ``paused`` for the app's current revision."""
+    if rollout is None or rollout.revision != revision:
+        return "complete"
+    return "paused" if rollout.paused else rollout.state
 
 
 def _hint(key: bytes) -> str:
@@ -694,6 +702,11 @@ class Api:
             "pending": len(pending),
             "failed": failed,
             "pendingReasons": pending,
+            # The revision new and updated replicas run, and where its rollout stands.
+            "revision": self.state.current_revision(key),
+            "rollout": _rollout_word(
+                self.state.rollouts.get(key), self.state.current_revision(key)
+            ),
         }
         return body
 

@@ -297,3 +297,15 @@ def test_routes_are_registered(api: Api) -> None:
             + "$"
         )
         assert (method, regex) in patterns
+
+
+async def test_app_status_names_the_revision_and_its_rollout(api: Api, agent: FakeAgent) -> None:
+    await call(api, "PUT", "/v1/apps/default/web", manifest())
+    status = (await call(api, "GET", "/v1/apps/default/web"))["status"]
+    assert (status["revision"], status["rollout"]) == (1, "complete")
+    await deploy(api, agent)
+    status = (await call(api, "GET", "/v1/apps/default/web"))["status"]
+    assert (status["revision"], status["rollout"]) == (2, "progressing")
+    await call(api, "POST", "/v1/apps/default/web/rollout/pause")
+    (app,) = await call(api, "GET", "/v1/apps")
+    assert app["status"]["rollout"] == "paused"
