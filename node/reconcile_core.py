@@ -80,9 +80,10 @@ class ReconcilerConfig:
     max_parallel_actions: int = 16  # matches the runtime's default thread_limit
     # Seconds between SIGTERM and SIGKILL when stopping; None: the app's stop_grace_s.
     stop_timeout_s: int | None = None
-    # True: bind each port's ``published_port`` on the advertise address directly (only one
-    # replica per node can then hold it). False: every replica gets a free host port there,
-    # reported in its status, and the data plane's routing mesh serves the published port.
+    # False (the product): every replica gets a free host port on the advertise address,
+    # reported in its status, and every node's routing mesh serves the published port. True
+    # binds ``published_port`` itself -- a test-only mode: the scheduler no longer keeps two
+    # replicas publishing one TCP port on different nodes (the mesh owns those ports).
     bind_published_ports: bool = False
     # Health probes in flight at once on this node (each also bounded by its own timeout).
     max_parallel_probes: int = 16
