@@ -83,7 +83,7 @@ class ReconcilerConfig:
     # False (the product): every replica gets a free host port on the advertise address,
     # reported in its status, and every node's routing mesh serves the published port. True
     # binds ``published_port`` itself -- a test-only mode: the scheduler no longer keeps two
-    # replicas publishing one TCP port on different nodes (the mesh owns those ports).
+    # replicas that publish one TCP port off the same node (the mesh owns those ports).
     bind_published_ports: bool = False
     # Health probes in flight at once on this node (each also bounded by its own timeout).
     max_parallel_probes: int = 16
