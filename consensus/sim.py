@@ -488,15 +488,28 @@ class Simulation:
         return False
 
     def _check_ready(self, node: SimNode, core: RaftCore, rd: Ready) -> None:
+        """Leader append-only, judged when the core hands the batch out (its role then)."""
         if not rd.entries:
             return
-        disk = node.disk
         first = rd.entries[0].index
-        if core.role is Role.LEADER and first <= disk.last_index and rd.snapshot is None:
+        if core.role is Role.LEADER and first <= node.disk.last_index and rd.snapshot is None:
             raise Violation(
                 "leader-append-only",
                 f"{node.id} (leader, term {core.term}) truncates its log at {first}",
             )
+
+    def _check_log_matching(self, node: SimNode, rd: Ready) -> None:
+        """Log matching, judged as the batch reaches the disk (just before the write).
+
+        An entry exists once it is persisted: a batch a crash loses before its write (a slow
+        disk) never reached any log nor left the node (the shell persists, then sends). A
+        single voter that loses its unwritten term with it may hand the same (index, term)
+        to another command after the restart -- nothing ever saw the first one (seed 83091).
+        """
+        if not rd.entries:
+            return
+        disk = node.disk
+        first = rd.entries[0].index
         prev_term = disk.term_at(first - 1) if rd.snapshot is None else rd.snapshot.meta.term
         if rd.snapshot is not None and first != rd.snapshot.meta.index + 1:
             prev_term = None
@@ -516,6 +529,7 @@ class Simulation:
 
     def _finish_ready(self, node: SimNode, core: RaftCore, rd: Ready) -> bool:
         """Persist, send, apply, advance. Returns False if the node crashed mid-way."""
+        self._check_log_matching(node, rd)
         node.disk.write(rd)
         if rd.hard_state is not None:
             self._record_commit(node, rd.hard_state.commit)
