@@ -840,7 +840,7 @@ class Api:
 
     # ------------------------------------------------------------------ rollouts
 
-    async def _rollout_body(self, namespace: str, name: str) -> dict[str, Any]:
+    def _rollout_body(self, namespace: str, name: str) -> dict[str, Any]:
         key = f"{namespace}/{name}"
         app = self._get_app(namespace, name)
         # The owners' word, as the endpoint exchange brought it to this node.
@@ -854,7 +854,7 @@ class Api:
     async def rollout(self, request: Request) -> Response:
         if (forwarded := await self._consistent(request)) is not None:
             return forwarded
-        return Response.json(await self._rollout_body(request.params["ns"], request.params["name"]))
+        return Response.json(self._rollout_body(request.params["ns"], request.params["name"]))
 
     async def revisions(self, request: Request) -> Response:
         if (forwarded := await self._consistent(request)) is not None:
@@ -871,7 +871,7 @@ class Api:
             return forwarded
         ns, name = request.params["ns"], request.params["name"]
         await self._commit(PauseRollout(ns, name, paused, time.time()))
-        return Response.json(await self._rollout_body(ns, name))
+        return Response.json(self._rollout_body(ns, name))
 
     async def rollout_pause(self, request: Request) -> Response:
         return await self._pause(request, True)
@@ -908,7 +908,7 @@ class Api:
                 at_s=time.time(),
             )
         )
-        return Response.json(await self._rollout_body(ns, name))
+        return Response.json(self._rollout_body(ns, name))
 
     # ------------------------------------------------------------------ replicas
 

@@ -13,18 +13,16 @@ caller retry a failed connect on another replica without picking the same one tw
 
 from __future__ import annotations
 
-import enum
 from collections import Counter
 from collections.abc import Collection, Sequence
 
 import attrs
 
 from p2porch.node.endpoints import Endpoint
+from p2porch.node.spec import Balance
 
-
-class Strategy(enum.Enum):
-    ROUND_ROBIN = "round-robin"
-    LEAST_CONNECTIONS = "least-connections"
+# The picker goes by the app spec's own enum (``loadBalancing``): one spelling, no mapping.
+Strategy = Balance
 
 
 EndpointKey = tuple[str, str]  # (node, container id): unique per running replica container

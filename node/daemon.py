@@ -654,11 +654,7 @@ class Agent:
 
     def _traffic_changed(self) -> None:
         """Readiness moved: a leader with a rollout under way looks again at once."""
-        if (
-            self.raft is not None
-            and self.raft.is_leader
-            and any(r.state == "progressing" and not r.paused for r in self.state.rollouts.values())
-        ):
+        if self.raft is not None and self.raft.is_leader and self.state.rollouts_moving():
             self._members_changed.set()
             self._members_changed = trio.Event()
 
@@ -811,13 +807,11 @@ class Agent:
 
     def _learn_address(self, name: str, meta: bytes) -> None:
         """Gossip metadata says where a member's Raft listens: a path that needs no log."""
-        if self.raft is None or name == self.name or not meta:
+        if self.raft is None or name == self.name:
             return
-        try:
-            node_meta: NodeMeta = codec.decode(meta, NodeMeta)
-        except CodecError:
-            return
-        self.raft.set_peer_address(name, node_meta.raft_address)
+        node_meta = self.decode_meta(meta)
+        if node_meta is not None:
+            self.raft.set_peer_address(name, node_meta.raft_address)
 
     async def _follow_state(self) -> None:
         """Hand this node's placements to the reconciler and remember peers, on every change."""
@@ -960,9 +954,7 @@ class Agent:
 
     async def _advance_rollouts(self) -> None:
         """One step of every rolling update (node/rollout.py decides, we commit)."""
-        if self.traffic is None or not any(
-            r.state == "progressing" and not r.paused for r in self.state.rollouts.values()
-        ):
+        if self.traffic is None or not self.state.rollouts_moving():
             return
         for command in plan_rollouts(self.state, self.traffic.slot_health(), time.time()):
             result = await self.propose(command)

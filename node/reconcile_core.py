@@ -535,13 +535,8 @@ def plan(
             shown = min(current, key=_newest_first) if current else None
             statuses.append(ctx.status(book, ReplicaState.STARTING, busy[key], shown))
             # A start-first successor is being started: the old container keeps serving.
-            endpoints.extend(
-                endpoint_of(c, assignment.placement, node, ready=True)
-                for c in sorted(found, key=_newest_first)[:1]
-                if c.generation != assignment.generation
-                and _is_running(c)
-                and assignment.app.spec.update.order is UpdateOrder.START_FIRST
-            )
+            if assignment.app.spec.update.order is UpdateOrder.START_FIRST:
+                endpoints.extend(_held_endpoint(assignment, node, found, frozenset()))
             continue
         step = _plan_replica(ctx, found, book)
         new_books[key] = step.book
@@ -625,12 +620,23 @@ def _plan_replica(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _
     # Not ready: an older container the plan keeps running (start-first) still serves.
     removed = {a.container_id for a in step.actions if isinstance(a, RemoveContainer)}
     removed |= {cid for a in step.actions if isinstance(a, StartReplica) for cid in a.remove_ids}
-    serving = tuple(
-        endpoint_of(c, ctx.assignment.placement, ctx.node, ready=True)
-        for c in sorted(found, key=_newest_first)
-        if c.generation != ctx.assignment.generation and _is_running(c) and c.id not in removed
-    )
-    return attrs.evolve(step, endpoints=serving[:1])
+    held = _held_endpoint(ctx.assignment, ctx.node, found, frozenset(removed))
+    return attrs.evolve(step, endpoints=held)
+
+
+def _held_endpoint(
+    assignment: Assignment, node: str, found: list[ContainerInfo], removed: frozenset[str]
+) -> tuple[Endpoint, ...]:
+    """The newest running container of an older revision that stays (start-first): it
+    serves the slot until its successor is ready."""
+    for info in sorted(found, key=_newest_first):
+        if (
+            info.generation != assignment.generation
+            and _is_running(info)
+            and info.id not in removed
+        ):
+            return (endpoint_of(info, assignment.placement, node, ready=True),)
+    return ()
 
 
 def _plan_current(ctx: _Ctx, found: list[ContainerInfo], book: ReplicaBook) -> _Step:

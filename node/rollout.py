@@ -96,9 +96,7 @@ def plan_rollouts(
     commands: list[Command] = []
     for key, rollout in sorted(state.rollouts.items()):
         app = state.apps.get(key)
-        if app is None or rollout.state == "complete" or rollout.paused:
-            continue
-        if rollout.state == "paused":
+        if app is None or not rollout.moving:
             continue
         if state.current_revision(key) != rollout.revision:
             continue  # a newer revision is on its way: its own record will follow

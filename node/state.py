@@ -143,6 +143,11 @@ class Rollout:
     updated_s: float = 0.0
     slot_started: tuple[tuple[int, float], ...] = ()
 
+    @property
+    def moving(self) -> bool:
+        """Whether the leader should advance it: progressing and not paused by a user."""
+        return self.state == "progressing" and not self.paused
+
 
 # Revisions kept per app besides those still running somewhere (Kubernetes keeps 10).
 REVISION_HISTORY = 10
@@ -542,6 +547,10 @@ class ClusterState:
             self.rollouts[key] = rollout
             changes.append(Change("rollout", key, rollout))
         return changes
+
+    def rollouts_moving(self) -> bool:
+        """Whether any rollout is for the leader to advance."""
+        return any(r.moving for r in self.rollouts.values())
 
     def current_revision(self, key: str) -> int:
         """The revision new and updated replicas of app ``key`` run."""

@@ -33,13 +33,12 @@ import trio
 from p2porch.common import codec
 from p2porch.common.errors import CodecError
 from p2porch.gossip.messages import Event, EventKind, Member
-from p2porch.node.balance import Strategy
 from p2porch.node.endpoints import EndpointSync, EndpointTable, FetchRequest, NodeEndpoints
 from p2porch.node.errors import NodeError
 from p2porch.node.reconcile_core import ReplicaState, ReplicaStatus
 from p2porch.node.rollout import SlotHealth
 from p2porch.node.scheduler import SlotId
-from p2porch.node.spec import App, Protocol
+from p2porch.node.spec import Protocol
 
 if TYPE_CHECKING:
     from p2porch.node.daemon import Agent
@@ -58,10 +57,6 @@ SERVICE_RETRY_S = 5.0
 MAX_RECORD_BYTES = 8 << 20
 
 _GONE = (EventKind.DEAD, EventKind.LEFT, EventKind.REAPED)
-
-
-def _strategy(app: App) -> Strategy:
-    return Strategy(app.spec.balance.value)
 
 
 def _reachable_from_containers(address: str) -> bool:
@@ -317,7 +312,7 @@ class Traffic:
                             published_port=port.published_port,
                             container_port=port.container_port,
                             proxy_protocol=port.proxy_protocol,
-                            strategy=_strategy(app),
+                            strategy=app.spec.balance,
                         ),
                     )
             self.mesh.set_routes(routes.values())
@@ -331,7 +326,7 @@ class Traffic:
                     namespace=app.meta.namespace,
                     app=app.meta.name,
                     container_port=route.port,
-                    strategy=_strategy(app),
+                    strategy=app.spec.balance,
                 )
                 for app in apps
                 for route in app.spec.ingress
